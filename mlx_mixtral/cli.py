@@ -1,0 +1,42 @@
+"""`mlx-mixtral <command>`: a thin dispatcher; each command lives in its own module.
+
+stdout carries only answers; progress and statistics go to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help); each module exposes `main(argv: list[str]) -> int`.
+COMMANDS = {
+    "convert": ("mlx_mixtral.convert.cli", "convert a Hugging Face or Mistral checkpoint to MLX format"),
+    "generate": ("mlx_mixtral.generate_cli", "generate text from a prompt"),
+    "chat": ("mlx_mixtral.chat_cli", "interactive chat in the terminal"),
+    "serve": ("mlx_mixtral.server", "OpenAI-compatible HTTP server with a browser chat page"),
+    "bench": ("mlx_mixtral.bench", "measure prefill/decode speed and memory on this machine"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mlx-mixtral <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'mlx-mixtral <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stderr if not argv else sys.stdout)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"mlx-mixtral: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Stacked expert layers, top-k routing, and the choice of kernel for the expert matmuls.
+
+Shapes: B batch, L length, D hidden, E experts, K experts per token, F expert hidden,
+N = B*L*K (token, slot) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Sorting (token, slot) pairs by expert makes each expert's rows contiguous so the gathered
+# matmul streams every expert's weights once; it pays off once there are many pairs (prefill).
+SORT_MIN_PAIRS = 64
+
+# Decode-sized batches go through the fused Metal kernels (metal/) when they are available.
+FUSED_MAX_PAIRS = 16
+KERNELS_ENV = "MLX_MIXTRAL_KERNELS"
+
+
+def route(router_logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Top-k experts per token and their mixing weights.
+
+    The weights are a softmax over the k chosen logits only, taken in float32; this equals
+    Mixtral's reference (softmax over all E, keep top-k, renormalize) and is cheaper.
+    """
+    inds = mx.argpartition(-router_logits, kth=k - 1, axis=-1)[..., :k]  # (B, L, K)
+    chosen = mx.take_along_axis(router_logits, inds, axis=-1).astype(mx.float32)  # (B, L, K)
+    return mx.stop_gradient(inds).astype(mx.uint32), mx.softmax(chosen, axis=-1, precise=True)
+
+
+def _uniform_init(shape: tuple[int, ...], fan_in: int) -> mx.array:
+    bound = 1.0 / math.sqrt(fan_in)
+    return mx.random.uniform(-bound, bound, shape)
+
+
+class SwitchLinear(nn.Module):
+    """E stacked linear layers without bias, weight `(E, out, in)`, applied per (token, expert)."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = _uniform_init((num_experts, output_dims, input_dims), input_dims)
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[2]
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        weight = self.weight
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # The CPU backend's gather_mm only takes float32 (FACTS.md); the loader stores
+            # unquantized experts in float32 on the CPU, so this upcast is only a fallback
+            # for models built by hand in half precision.
+            out = mx.gather_mm(x.astype(mx.float32), weight.astype(mx.float32).swapaxes(-1, -2),
+                               rhs_indices=indices, sorted_indices=sorted_indices)
+            return out.astype(x.dtype)
+        return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedSwitchLinear":
+        num_experts, output_dims, input_dims = self.weight.shape
+        layer = QuantizedSwitchLinear(input_dims, output_dims, num_experts, group_size, bits, mode)
+        layer.set_weight(self.weight)
+        return layer
+
+
+class QuantizedSwitchLinear(nn.Module):
+    """SwitchLinear with each expert quantized by `mx.quantize` (packed weight, scales[, biases])."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int,
+                 group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.set_weight(mx.zeros((num_experts, output_dims, input_dims)))
+        self.freeze()
+
+    def set_weight(self, weight: mx.array) -> None:
+        """Quantize a float `(E, out, in)` weight into this layer's parameters."""
+        packed, scales, *biases = mx.quantize(weight, self.group_size, self.bits, mode=self.mode)
+        self.weight, self.scales = packed, scales
+        if biases:
+            self.biases = biases[0]
+
+    @property
+    def input_dims(self) -> int:
+        return self.scales.shape[2] * self.group_size
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+
+
+def fused_kernels_enabled() -> bool:
+    """Fused Metal kernels run only on a Metal device and can be switched off for A/B runs."""
+    return os.environ.get(KERNELS_ENV, "1") != "0" and mx.default_device() == mx.gpu and mx.metal.is_available()
+
+
+class SwitchGLU(nn.Module):
+    """The k selected SwiGLU experts of every token, mixed by the router weights."""
+
+    def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
+        self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
+        self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x (B, L, D), indices (B, L, K) uint32, weights (B, L, K) float32 -> (B, L, D)."""
+        if indices.size <= FUSED_MAX_PAIRS and fused_kernels_enabled():
+            from .metal import fused_switch_glu
+
+            out = fused_switch_glu(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj)
+            if out is not None:
+                return out
+        if indices.size >= SORT_MIN_PAIRS:
+            y = self._sorted(x, indices)  # (B, L, K, D)
+        else:
+            y = self._experts(x[..., None, None, :], indices, sorted_indices=False)  # (B, L, K, 1, D)
+            y = y.squeeze(-2)  # (B, L, K, D)
+        return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)  # (B, L, D)
+
+    def _experts(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        gate = self.gate_proj(x, indices, sorted_indices)
+        up = self.up_proj(x, indices, sorted_indices)
+        return self.down_proj(nn.silu(gate) * up, indices, sorted_indices)
+
+    def _sorted(self, x: mx.array, indices: mx.array) -> mx.array:
+        """Run the (token, slot) pairs grouped by expert, then put them back in place."""
+        *lead, k = indices.shape
+        flat = indices.flatten()  # (N,)
+        order = mx.argsort(flat)  # (N,)
+        tokens = x.reshape(-1, 1, x.shape[-1])[order // k]  # (N, 1, D) in expert order
+        y = self._experts(tokens, flat[order], sorted_indices=True)  # (N, 1, D)
+        y = y.squeeze(1)[mx.argsort(order)]  # (N, D) back in (token, slot) order
+        return y.reshape(*lead, k, -1)  # (B, L, K, D)

@@ -1,0 +1,221 @@
+"""The Mixtral decoder (and its dense Mistral sibling) in MLX.
+
+Shapes: B batch, L new tokens, S cached + new tokens, D hidden, H query heads, Hkv key/value
+heads, Dh head dim, E experts, K experts per token, F expert (or MLP) hidden, V vocab.
+Attribute names follow the Hugging Face checkpoint so `sanitize` stays a short name mapping.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import Cache, KVCache, RotatingKVCache
+from .config import ModelArgs
+from .experts import SwitchGLU, route
+
+
+def attention_mask(offset: int, length: int, keys: int, window: int | None) -> mx.array | str | None:
+    """Mask for `length` queries at absolute positions offset.. over the last `keys` positions.
+
+    Query i (position offset+i) sees key position p when p <= offset+i and, with a sliding
+    window, offset+i - p < window (Mistral's window counts the query itself).
+    """
+    if length == 1 and (window is None or keys <= window):
+        return None
+    if window is None or offset + length <= window:
+        return "causal"
+    q_pos = mx.arange(offset, offset + length)[:, None]  # (L, 1)
+    k_pos = mx.arange(offset + length - keys, offset + length)[None, :]  # (1, S)
+    return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (L, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.scale = self.head_dim**-0.5
+        self.window = args.sliding_window
+        self.rope_theta, self.rope_scale = args.rope_theta, args.rope_scale
+        d = args.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        # HF's Mistral/Mixtral rotate the two halves of each head (non-interleaved: traditional=False).
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta, scale=self.rope_scale,
+                            offset=offset)
+
+    def __call__(self, x: mx.array, cache: Cache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, Dh)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
+        offset = 0 if cache is None else cache.offset
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, Dh)
+        window = kv_window(self.window, None if cache is None else cache.max_size)
+        mask = attention_mask(offset, L, k.shape[2], window)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, Dh)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
+
+
+def kv_window(model_window: int | None, max_kv_size: int | None) -> int | None:
+    """How many most recent positions a query may see. A bounded cache (user `max_kv_size`)
+    turns attention into a sliding window of its size, like Mistral's rolling buffer."""
+    if max_kv_size is None:
+        return model_window
+    return max_kv_size if model_window is None else min(model_window, max_kv_size)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward of Mistral-7B-style models."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's sparse MoE block: a linear router picks K of E SwiGLU experts per token."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.k = args.num_experts_per_tok
+        self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
+        self.switch_mlp = SwitchGLU(args.hidden_size, args.intermediate_size, args.num_local_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = route(self.gate(x), self.k)  # (B, L, K), (B, L, K)
+        return self.switch_mlp(x, indices, weights)  # (B, L, D)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        if args.is_moe:
+            self.block_sparse_moe = SparseMoE(args)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: Cache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        ffn = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
+        return h + ffn(self.post_attention_layernorm(h))
+
+
+class MixtralModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
+        h = self.embed_tokens(tokens)  # (B, L, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if cache is None else cache[i])
+        return self.norm(h)
+
+
+class Mixtral(nn.Module):
+    """Causal LM: `model(tokens (B, L), cache=None) -> logits (B, L, V)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = MixtralModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)  # (B, L, D)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)  # (B, L, V)
+        return self.lm_head(h)  # (B, L, V)
+
+    def make_cache(self, max_kv_size: int | None = None) -> list[Cache]:
+        """One cache per layer; bounded by the model's sliding window and/or `max_kv_size`."""
+        limit = kv_window(self.args.sliding_window, max_kv_size)
+        if limit is None:
+            return [KVCache() for _ in self.layers]
+        return [RotatingKVCache(limit) for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return sanitize(weights, self.args)
+
+
+# Mistral's native (consolidated.safetensors) names -> Hugging Face names.
+_NATIVE_NAMES = [
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.block_sparse_moe\.", r"model.layers.\1.block_sparse_moe."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+]
+# HF expert names: w1 = gate, w2 = down, w3 = up (the SwiGLU of the Mixtral paper).
+_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(weight|scales|biases)$")
+
+
+def _unpermute_native_qk(w: mx.array, n_heads: int) -> mx.array:
+    """Native Mistral q/k rows are interleaved (x0, y0, x1, y1, ...) per head; HF stores the
+    two rotary halves one after the other. Same permutation as transformers'
+    convert_mistral_weights_to_hf script."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def sanitize(weights: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
+    """Map checkpoint names to this model's, idempotently: Mistral-native or HF names become
+    HF names, and each layer's E per-expert matrices are stacked into `(E, out, in)` tensors
+    under `switch_mlp.{gate,up,down}_proj` (mlx-lm's on-disk format). Handles float weights and
+    quantized `weight`/`scales`/`biases` alike. Values may be any array type with stacking via mx."""
+    out: dict[str, Any] = {}
+    experts: dict[tuple[str, str, str], dict[int, Any]] = {}
+    for name, value in weights.items():
+        if "rotary_emb.inv_freq" in name:
+            continue
+        native = not name.startswith(("model.", "lm_head."))
+        for pattern, repl in _NATIVE_NAMES:
+            name = re.sub(pattern, repl, name)
+        if native and re.search(r"self_attn\.[qk]_proj\.weight$", name):
+            heads = args.num_attention_heads if ".q_proj." in name else args.num_key_value_heads
+            value = _unpermute_native_qk(value, heads)
+        m = _EXPERT_KEY.match(name)
+        if m:
+            prefix, e, w, kind = m.groups()
+            experts.setdefault((prefix, _EXPERT_PROJ[w], kind), {})[int(e)] = value
+            continue
+        out[name] = value
+    for (prefix, proj, kind), by_expert in experts.items():
+        missing = [e for e in range(args.num_local_experts) if e not in by_expert]
+        if missing:
+            raise ValueError(f"checkpoint lacks expert {missing[0]} of {prefix} ({proj}.{kind})")
+        out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([by_expert[e] for e in range(args.num_local_experts)])
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out

@@ -176,10 +176,10 @@ def _check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: 
     if unexpected:
         raise LoadError(f"{model_dir / _source_file(unexpected[0], headers)}: unexpected tensor {unexpected[0]!r} "
                         f"(not part of a {model.args.model_type} model with this config)")
-    for name, value in weights.items():
-        if value.shape != expected[name].shape:
+    for name in sorted(weights):
+        if weights[name].shape != expected[name].shape:
             raise LoadError(f"{model_dir / _source_file(name, headers)}: tensor {name!r} has shape "
-                            f"{list(value.shape)}, config.json implies {list(expected[name].shape)}")
+                            f"{list(weights[name].shape)}, config.json implies {list(expected[name].shape)}")
 
 
 def _physical_memory() -> tuple[int, int | None]:

@@ -27,9 +27,11 @@ def route(router_logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     The weights are a softmax over the k chosen logits only, taken in float32; this equals
     Mixtral's reference (softmax over all E, keep top-k, renormalize) and is cheaper.
     """
-    inds = mx.argpartition(-router_logits, kth=k - 1, axis=-1)[..., :k]  # (B, L, K)
+    # stop_gradient before the gather: otherwise training asks take_along_axis for a VJP
+    # with respect to its indices, which MLX refuses ("[gather_axis] Cannot calculate VJP").
+    inds = mx.stop_gradient(mx.argpartition(-router_logits, kth=k - 1, axis=-1)[..., :k])  # (B, L, K)
     chosen = mx.take_along_axis(router_logits, inds, axis=-1).astype(mx.float32)  # (B, L, K)
-    return mx.stop_gradient(inds).astype(mx.uint32), mx.softmax(chosen, axis=-1, precise=True)
+    return inds.astype(mx.uint32), mx.softmax(chosen, axis=-1, precise=True)
 
 
 def _uniform_init(shape: tuple[int, ...], fan_in: int) -> mx.array:

@@ -1,0 +1,13 @@
+"""Convert Hugging Face, Mistral-native or MLX checkpoints into MLX model directories (mlx-lm's
+format), streaming one layer at a time with optional (mixed-precision) quantization.
+
+    from mlx_mixtral.convert import convert
+    convert("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral-4bit", quantize=True)
+"""
+
+from .errors import ConvertError
+from .pipeline import Progress, convert
+from .quant import RECIPES
+from .shards import parse_size
+
+__all__ = ["ConvertError", "Progress", "RECIPES", "convert", "parse_size"]

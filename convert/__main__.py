@@ -1,0 +1,7 @@
+"""`python -m mlx_mixtral.convert ...` runs the same program as `mlx-mixtral convert ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main(sys.argv[1:]))

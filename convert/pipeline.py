@@ -1,0 +1,214 @@
+"""`convert()`: a checkpoint in, an MLX model directory (mlx-lm's format) out, never a half one.
+
+Two passes over the source, one layer at a time. The first builds every output tensor lazily
+to learn names, shapes and precisions (nothing is read); it fixes the shard layout and finds
+config problems before any work. The second evaluates and writes one module at a time into a
+hidden directory next to the destination, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .card import upload, write_model_card
+from .errors import ConvertError
+from .quant import config_entry, make_plan
+from .shards import Entry, ShardWriter, parse_size
+from .source import Source, open_source
+from .transform import Context, convert_group, make_context
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+# Files that travel with the weights (tokenizers of every Mistral generation, chat templates).
+COPY_PATTERNS = ["tokenizer.model", "tokenizer.model.v*", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                 "chat_template.jinja", "chat_template.json", "tekken.json"]
+PARTIAL_TAG = ".partial-"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each group of tensors (embeddings, each layer, the head) is written."""
+
+    done: int
+    total: int
+    label: str
+    bytes_written: int
+    total_bytes: int
+
+
+def convert(hf_path: str | Path, mlx_path: str | Path, *, quantize: bool = False, q_bits: int | None = 4,
+            q_group_size: int | None = 64, q_mode: str = "affine", recipe: str | None = None,
+            dtype: str | mx.Dtype | None = None, dequantize: bool = False, max_shard_size: str | int = "5GB",
+            force: bool = False, upload_repo: str | None = None, revision: str | None = None,
+            progress: Callable[[Progress], None] | None = None) -> Path:
+    """Convert a Hugging Face, Mistral-native or MLX checkpoint (directory or hub id) into an
+    MLX model directory at `mlx_path` and return its path.
+
+    quantize/q_bits/q_group_size/q_mode: quantize every linear, expert and embedding layer except
+    the MoE routers (modes affine, mxfp4, mxfp8, nvfp4; the last three fix bits and group size).
+    recipe: a mixed-precision recipe name from `RECIPES` (implies quantize, mode affine).
+    dtype: "float16", "bfloat16" or "float32" for everything not quantized (default: as stored).
+    dequantize: turn a quantized MLX checkpoint back into floating point.
+    An MLX source without quantize/dequantize is resharded (and cast) with its quantization kept.
+    Raises ConvertError (one line) on any problem; nothing is left at `mlx_path` then.
+    """
+    dst = Path(mlx_path).expanduser().absolute()
+    out_dtype = _parse_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    quantize = quantize or recipe is not None
+    if quantize and dequantize:
+        raise ConvertError("choose either quantize or dequantize, not both")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise ConvertError(f"{dst}: destination already exists (pass force=True / --force to replace it)")
+
+    source = open_source(hf_path, revision=revision)
+    if _overlaps(source.path, dst):
+        raise ConvertError(f"{dst}: destination overlaps the source {source.path}; choose another directory")
+    plan = make_plan(q_bits, q_group_size, q_mode, recipe, source.args.num_hidden_layers) if quantize else None
+    ctx = make_context(source, plan, out_dtype, requantize=quantize or dequantize)
+    entries, decisions = _plan_outputs(ctx)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{PARTIAL_TAG}{os.getpid()}-", dir=dst.parent))
+    try:
+        _chmod_like_mkdir(tmp)
+        _write_model(ctx, tmp, entries, decisions, max_bytes, progress)
+        write_model_card(tmp, source, name=dst.name, hub_id=upload_repo)
+        _move_into_place(tmp, dst)
+    except OSError as e:
+        raise ConvertError(f"{e.filename or dst}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if upload_repo is not None:
+        upload(dst, upload_repo)
+    return dst
+
+
+def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConvertError(f"unsupported dtype {dtype!r} (expected one of: {', '.join(DTYPES)})")
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _plan_outputs(ctx: Context) -> tuple[list[Entry], dict[str, dict | bool]]:
+    """Every output tensor's name, dtype and shape, in writing order, and each quantizable
+    module's decision; built from lazy arrays, so no weight is read."""
+    entries, decisions, seen = [], {}, set()
+    for _, names in ctx.source.groups():
+        for path, out, decision in convert_group(ctx.source.load(names), ctx):
+            entries += [Entry(n, a.dtype, tuple(a.shape), a.nbytes) for n, a in out.items()]
+            seen.add(f"{path}.weight")
+            if decision is not None:
+                decisions[path] = decision
+    missing = sorted(set(ctx.expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{ctx.source.path}: checkpoint lacks tensor {missing[0]!r}{more}")
+    return entries, decisions
+
+
+def _write_model(ctx: Context, out_dir: Path, entries: list[Entry], decisions: dict, max_bytes: int,
+                 progress: Callable[[Progress], None] | None) -> None:
+    writer = ShardWriter(out_dir, entries, max_bytes)
+    groups = ctx.source.groups()
+    # Freed buffers go back to the system at once instead of MLX's cache, so the peak stays
+    # at one module's worth of arrays.
+    old_limit = mx.set_cache_limit(0)
+    try:
+        for i, (label, names) in enumerate(groups):
+            for _, out, _ in convert_group(ctx.source.load(names), ctx):
+                arrays = {n: mx.contiguous(a) for n, a in out.items()}
+                del out
+                mx.eval(list(arrays.values()))
+                for n, a in arrays.items():
+                    writer.write(n, a)
+                del arrays
+            if progress is not None:
+                progress(Progress(i + 1, len(groups), label, writer.bytes_written, writer.total_bytes))
+        writer.close(ctx.total_parameters)
+    finally:
+        writer.abort()
+        mx.set_cache_limit(old_limit)
+    config = _output_config(ctx.source, ctx, decisions)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    for pattern in COPY_PATTERNS:
+        for f in sorted(ctx.source.path.glob(pattern)):
+            shutil.copyfile(f, out_dir / f.name)
+
+
+def _output_config(source: Source, ctx: Context, decisions: dict[str, dict | bool]) -> dict:
+    config = source.args.to_hf_dict() if source.native else dict(source.config)
+    for key in ("quantization", "quantization_config", "_name_or_path"):
+        config.pop(key, None)
+    if ctx.dtype is not None:
+        name = next(k for k, v in DTYPES.items() if v == ctx.dtype)
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = name
+    used = [tuple(sorted(d.items())) for d in decisions.values() if d]
+    if used:
+        default = ctx.plan.default if ctx.plan else dict(Counter(used).most_common(1)[0][0])
+        entry = config_entry(default, decisions)
+        # mlx-lm reads "quantization"; "quantization_config" is the key the hub's tooling expects.
+        config["quantization"] = entry
+        config["quantization_config"] = dict(entry)
+    return config
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished directory onto the destination; an old destination (force) is moved
+    aside first and deleted only after the new one is in place."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes a private (0700) directory; the result should have a normal directory's mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Delete hidden partial directories of this destination left by killed conversions (their
+    process no longer exists); those of a conversion still running are left alone."""
+    for d in dst.parent.glob(f".{dst.name}{PARTIAL_TAG}*"):
+        pid = d.name[len(f".{dst.name}{PARTIAL_TAG}"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,214 @@
+"""Text generation: one generator (`generate_step`) and thin wrappers around it.
+
+Shapes: L prompt tokens, V vocab.
+
+`generate_step` works on token ids only: chunked prefill into the KV cache, then a decode loop
+that builds step n+1's graph and queues it (`mx.async_eval`) before waiting for token n, so the
+host's Python work overlaps the device's. `stream_generate` adds text: tokenization, a streaming
+detokenizer, EOS and stop strings, statistics. `generate` joins the stream into one string.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+
+from .cache import Cache
+from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, top_logprobs
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+def generate_step(prompt_ids: Sequence[int] | mx.array, model: Any, *, cache: list[Cache] | None = None,
+                  sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_tokens: int | None = 256,
+                  key: mx.array | None = None) -> Iterator[tuple[int, mx.array]]:
+    """Yield `(token, logprobs (V,))` for each new token after `prompt_ids`.
+
+    `cache` may already hold earlier tokens (the prompt then continues them); it is updated in
+    place. When the caller stops early, the cache holds the prompt and every yielded token but
+    possibly the last; `cache[0].offset` says exactly how many tokens it has seen. Logits
+    processors see the prompt ids given here plus the generated ones. `key` seeds the sampler
+    (a fresh random key when None); the same key gives the same tokens.
+    """
+    prompt = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids), mx.uint32)
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(prompt.shape)}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if max_tokens is not None and max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+    cache = model.make_cache() if cache is None else cache
+    sampler = sampler or greedy
+    processors = list(logits_processors or ())
+    key = mx.random.key(int.from_bytes(os.urandom(4), "little")) if key is None else key
+    history = prompt  # (T,) what the logits processors see
+
+    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history, key
+        logits = model(tokens[None], cache=cache)[:, -1, :]  # (1, V)
+        for process in processors:
+            logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (1, V)
+        key, subkey = mx.random.split(key)
+        token = sampler(logprobs, subkey)  # (1,)
+        if processors:
+            history = mx.concatenate([history, token.astype(history.dtype)])
+        return token, logprobs[0]
+
+    # Prefill everything but the last chunk without computing logits; evaluating the caches'
+    # state runs just the layers. Chunks bound the attention scores' memory (L x L per head).
+    rest = prompt
+    while rest.size > prefill_chunk:
+        model(rest[:prefill_chunk][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        rest = rest[prefill_chunk:]
+    if max_tokens == 0:
+        return
+
+    token, logprobs = step(rest)
+    mx.async_eval(token, logprobs)
+    n = 0
+    while True:
+        n += 1
+        last = max_tokens is not None and n >= max_tokens
+        if not last:
+            # Queue step n+1 (it only needs token n as a lazy array) before syncing on token n.
+            next_token, next_logprobs = step(token)
+            mx.async_eval(next_token, next_logprobs)
+        yield int(token.item()), logprobs
+        if last:
+            return
+        token, logprobs = next_token, next_logprobs
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step. `text` is the new text since the previous response (whole UTF-8
+    characters only, stop strings never included); `token` is the id sampled at this step."""
+
+    text: str
+    token: int
+    finish_reason: str | None  # None while running, then "stop" (EOS or stop string) or "length"
+    logprob: float | None  # log-probability of `token` (None unless requested)
+    top_logprobs: list[tuple[int, float]] | None  # the n most likely (id, logprob), if requested
+    prompt_tokens: int  # tokens prefilled for this request (new tokens only when a cache is reused)
+    prompt_tps: float  # prefill speed: prompt_tokens / time to the first token
+    generation_tokens: int  # tokens generated so far, this one included
+    generation_tps: float  # decode speed after the first token
+    peak_memory: float  # GB, mx.get_peak_memory()
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text and holds back any tail that could still become one,
+    so a stop string split across tokens is never emitted."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add new text; return (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = self._held_tail()
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_tail(self) -> int:
+        """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=True)
+    if isinstance(prompt, mx.array):
+        return [int(t) for t in prompt.tolist()]
+    return [int(t) for t in prompt]
+
+
+def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx.array, *,
+                    max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                    min_p: float = 0.0, repetition_penalty: float | None = None,
+                    repetition_context_size: int | None = 20, logit_bias: dict[int, float] | None = None,
+                    seed: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
+                    cache: list[Cache] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                    sampler: Sampler | None = None,
+                    logits_processors: Sequence[LogitsProcessor] | None = None) -> Iterator[GenerationResponse]:
+    """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
+
+    Stops at any of `tokenizer.eos_token_ids`, at a `stop` string (never emitted, even when
+    split across tokens) or after `max_tokens`. `logprobs=n` adds each token's log-probability
+    and the n most likely alternatives. `sampler`/`logits_processors` replace the ones the
+    keyword options would build.
+    """
+    ids = _prompt_ids(tokenizer, prompt)
+    vocab = model.args.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
+    if logprobs < 0:
+        raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+    sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
+    if logits_processors is None:
+        logits_processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
+    key = None if seed is None else mx.random.key(seed)
+    matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop or []))
+    eos = frozenset(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer()
+
+    start = time.perf_counter()
+    first = prompt_tps = 0.0
+    steps = generate_step(ids, model, cache=cache, sampler=sampler, logits_processors=logits_processors,
+                          prefill_chunk=prefill_chunk, max_tokens=max_tokens, key=key)
+    n = 0
+    for n, (token, token_logprobs) in enumerate(steps, start=1):
+        now = time.perf_counter()
+        if n == 1:
+            first = now
+            prompt_tps = len(ids) / max(now - start, 1e-9)
+        finish = None
+        if token in eos:
+            text, finish = matcher.feed(detok.finalize())[0] + matcher.flush(), "stop"
+        else:
+            text, stopped = matcher.feed(detok.add_token(token))
+            if stopped:
+                finish = "stop"
+            elif max_tokens is not None and n >= max_tokens:
+                tail, stopped = matcher.feed(detok.finalize())
+                text, finish = text + tail + ("" if stopped else matcher.flush()), ("stop" if stopped else "length")
+        yield GenerationResponse(
+            text=text, token=token, finish_reason=finish,
+            logprob=float(token_logprobs[token].item()) if logprobs else None,
+            top_logprobs=top_logprobs(token_logprobs, logprobs) if logprobs else None,
+            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+        if finish is not None:
+            return
+
+
+def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx.array, **kwargs: Any) -> str:
+    """The whole completion as one string; keyword options as for `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

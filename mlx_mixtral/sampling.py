@@ -61,6 +61,12 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
     return mx.where(logits >= floor, logits, mx.array(-mx.inf, logits.dtype))
 
 
+def warp(logprobs: mx.array, temp: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> mx.array:
+    """The logits a sampler draws from: tempered, then filtered (-inf marks dropped tokens)."""
+    logits = logprobs.astype(mx.float32) * (1.0 / temp)  # (B, V)
+    return apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
+
+
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
     """A sampler for these settings; `temp == 0` is greedy (argmax) whatever the filters say."""
     if temp < 0 or not math.isfinite(temp):
@@ -75,8 +81,7 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
         return greedy
 
     def sample(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
-        logits = logprobs.astype(mx.float32) * (1.0 / temp)  # (B, V)
-        logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
+        logits = warp(logprobs, temp, top_k, top_p, min_p)  # (B, V)
         return mx.random.categorical(logits, axis=-1, key=key)  # (B,)
 
     return sample

@@ -1,0 +1,207 @@
+"""Chat prompts: Mistral's instruct formats as mistral-common encodes them, and Jinja chat templates.
+
+Mistral formats (mistral-common 1.x, `InstructTokenizerV1` / `V3` with the request normalizer and
+validator that `MistralTokenizer.encode_chat_completion` runs):
+- the conversation is checked: roles system/user/assistant only; system may be followed by anything,
+  user by user/assistant/system, assistant by user/assistant (never by system); a single message must
+  be user or system; assistant messages need content; the last message must be a user (or system)
+  message unless the assistant's answer is being continued or the conversation is a finished record;
+- system messages are removed and their contents joined with "\n\n" into one system prompt;
+  consecutive messages of one role are merged (contents joined with "\n\n", empty ones skipped);
+  a conversation not starting with a user message gets an empty user message in front;
+- tokens: BOS, then per message
+    v1 user:      encode("[INST] {content} [/INST]"), the system prompt + "\n\n" in front of the
+                  content of the FIRST user message;
+    v3 user:      [INST] encode(content) [/INST] with control tokens, the system prompt + "\n\n" in
+                  front of the content of the LAST user message;
+    assistant:    encode(content) + EOS (v3 strips trailing spaces first); no EOS when continued.
+  `encode` is SentencePiece's plain encode (dummy prefix, no special-token parsing).
+
+Jinja templates are rendered the way transformers' `apply_chat_template` renders them: a sandboxed
+environment with trim_blocks and lstrip_blocks, loop controls, `raise_exception`, a `tojson` that
+does not escape HTML, `strftime_now`, and the special tokens as variables (bos_token, eos_token, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+import json
+
+MISTRAL_V1, MISTRAL_V3, JINJA = "mistral-v1", "mistral-v3", "jinja"
+_ROLES = ("system", "user", "assistant")
+# mistral-common's allowed successor roles (validator._validate_message_order, tool role left out).
+_NEXT_ROLES = {"system": {"system", "user", "assistant"}, "user": {"user", "assistant", "system"},
+               "assistant": {"assistant", "user"}}
+_JOIN = "\n\n"
+
+
+def _text(message: Mapping, index: int) -> str:
+    """A message's text; a list of OpenAI-style text parts is joined as mistral-common joins chunks."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise ValueError(f"message {index}: only text content parts are supported, got {part!r:.80}")
+            if part["text"]:
+                parts.append(part["text"])
+        return _JOIN.join(parts)
+    raise ValueError(f"message {index}: content must be a string or a list of text parts, "
+                     f"got {type(content).__name__}")
+
+
+def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[str, str]]:
+    """Validate like mistral-common and return (role, text) pairs."""
+    if not messages:
+        raise ValueError("the conversation is empty: expected at least one message")
+    pairs = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise ValueError(f"message {i}: role {role!r} is not supported by the Mistral format "
+                             f"(expected one of {', '.join(_ROLES)})")
+        if role == "system" and message.get("content") is None:
+            raise ValueError(f"message {i}: system message has no content")
+        text = _text(message, i)
+        if role == "assistant" and not text:
+            raise ValueError(f"message {i}: assistant message has no content")
+        if pairs and role not in _NEXT_ROLES[pairs[-1][0]]:
+            raise ValueError(f"message {i}: role {role!r} cannot follow role {pairs[-1][0]!r}")
+        pairs.append((role, text))
+    if len(pairs) == 1 and pairs[0][0] == "assistant":
+        raise ValueError("message 0: a conversation of one message must start with a user or system message")
+    if pairs[-1][0] == "assistant" and not final_assistant and len(pairs) > 1:
+        raise ValueError("the last message is an assistant message: a prompt for a new answer must end with a "
+                         "user message (pass add_generation_prompt=False to encode a finished conversation, or "
+                         "continue_final_message=True to continue that answer)")
+    return pairs
+
+
+def _normalize(pairs: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """System prompt out, same-role runs merged, an empty user message first if needed."""
+    system = [text for role, text in pairs if role == "system" and text]
+    merged: list[tuple[str, list[str]]] = []
+    previous = None
+    for role, text in pairs:
+        if role != "system":
+            if role == previous:
+                merged[-1][1].append(text)
+            else:
+                merged.append((role, [text]))
+        previous = role  # a system message ends a run even though it is dropped
+    turns = [(role, _JOIN.join(t for t in texts if t)) for role, texts in merged]
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ("user", ""))
+    return (_JOIN.join(system) if system else None), turns
+
+
+def encode_mistral(messages: Sequence[Mapping], *, version: str, encode: Callable[[str], list[int]],
+                   bos_id: int, eos_id: int, inst_ids: tuple[int, int] | None = None,
+                   add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+    """Token ids of a conversation in Mistral's instruct format v1 or v3 (see the module docstring)."""
+    if continue_final_message and (not messages or (messages[-1] or {}).get("role") != "assistant"):
+        raise ValueError("continue_final_message=True needs an assistant message last")
+    pairs = _check(messages, final_assistant=continue_final_message or not add_generation_prompt)
+    system, turns = _normalize(pairs)
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    if version == MISTRAL_V3 and inst_ids is None:
+        raise ValueError("the mistral-v3 format needs the [INST] and [/INST] control tokens, "
+                         "which this tokenizer does not have")
+    ids = [bos_id]
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            if version == MISTRAL_V1:
+                if system and i == users[0]:
+                    text = system + _JOIN + text
+                ids += encode(f"[INST] {text} [/INST]")
+            else:
+                if system and i == users[-1]:
+                    text = system + _JOIN + text
+                ids += [inst_ids[0], *encode(text), inst_ids[1]]
+        else:
+            ids += encode(text if version == MISTRAL_V1 else text.rstrip(" "))
+            if not (continue_final_message and i == len(turns) - 1):
+                ids.append(eos_id)
+    return ids
+
+
+# --- Jinja ----------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=16)
+def _compile(source: str):
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where a continued answer ends, then is cut off
+
+
+def render_jinja(source: str, messages: Sequence[Mapping], *, special_tokens: Mapping[str, str],
+                 add_generation_prompt: bool = True, continue_final_message: bool = False,
+                 **variables) -> str:
+    """The prompt text a Jinja chat template makes of a conversation."""
+    import jinja2
+
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+    # Keys set to None are dropped, as transformers does (templates test `'key' in message`).
+    chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
+    final = None
+    if continue_final_message:
+        if not chat or not isinstance(chat[-1].get("content"), str):
+            raise ValueError("continue_final_message=True needs a last message with string content")
+        final = chat[-1]["content"]
+        chat[-1]["content"] = final + _CONTINUE_TAG
+    template = _compile(source)
+    try:
+        # transformers always passes tools and documents (None unless given) next to the special tokens.
+        text = template.render(messages=chat, add_generation_prompt=add_generation_prompt,
+                               **{"tools": None, "documents": None, **special_tokens, **variables})
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError("chat template: " + " ".join(str(e).split())) from None
+    if final is not None:
+        tag = _CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ValueError("continue_final_message=True but the chat template dropped the final message")
+        cut = text.rindex(tag)
+        # Keep the answer exactly as given; a template that trims the message loses its trailing space.
+        text = text[:cut] if text[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:cut].rstrip()
+    return text

@@ -1,0 +1,49 @@
+"""Pure-MLX twins of the fused kernels: same signatures, same rounding points, any device.
+
+They document what each kernel computes and are what the tests hold the kernels (and, on a Mac,
+the GPU) against. Shapes as in kernels.py: T tokens, P = T*K pairs, D hidden, F expert hidden.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .kernels import ExpertGeometry, plan
+
+
+def _dequantized(parts: tuple, ids: mx.array, geometry: ExpertGeometry) -> mx.array:
+    """The selected experts' weights in float32: (P, out, in)."""
+    weight, scales, biases = (p[ids] for p in parts)
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                         group_size=geometry.group_size, bits=geometry.bits)
+
+
+def gate_up_reference(x: mx.array, indices: mx.array, gate: tuple, up: tuple,
+                      geometry: ExpertGeometry) -> mx.array:
+    """Twin of kernels.launch_gate_up: x (T, D), indices (P,) -> h (P, F) in geometry.dtype."""
+    pair_x = x.astype(mx.float32)[mx.arange(indices.size) // geometry.top_k]  # (P, D)
+    g = (_dequantized(gate, indices, geometry) @ pair_x[..., None]).squeeze(-1)  # (P, F)
+    u = (_dequantized(up, indices, geometry) @ pair_x[..., None]).squeeze(-1)  # (P, F)
+    return (g * mx.sigmoid(g) * u).astype(geometry.dtype)
+
+
+def down_reference(h: mx.array, indices: mx.array, weights: mx.array, down: tuple,
+                   geometry: ExpertGeometry) -> mx.array:
+    """Twin of kernels.launch_down: h (P, F), indices (P,), weights (P,) -> y (T, D)."""
+    per_pair = (_dequantized(down, indices, geometry) @ h.astype(mx.float32)[..., None]).squeeze(-1)  # (P, D)
+    mixed = per_pair * weights.astype(mx.float32)[:, None]  # (P, D)
+    return mixed.reshape(-1, geometry.top_k, geometry.hidden).sum(axis=1).astype(geometry.dtype)  # (T, D)
+
+
+def fused_switch_glu_reference(x: mx.array, indices: mx.array, weights: mx.array, gate_proj, up_proj, down_proj):
+    """Twin of kernels.fused_switch_glu (None where the kernels would refuse the layer)."""
+    geometry = plan(x, indices, gate_proj, up_proj, down_proj)
+    if geometry is None:
+        return None
+    ids = indices.reshape(-1)  # (P,)
+    h = gate_up_reference(x.reshape(-1, geometry.hidden), ids,
+                          (gate_proj.weight, gate_proj.scales, gate_proj.biases),
+                          (up_proj.weight, up_proj.scales, up_proj.biases), geometry)  # (P, F)
+    y = down_reference(h, ids, weights.reshape(-1),
+                       (down_proj.weight, down_proj.scales, down_proj.biases), geometry)  # (T, D)
+    return y.reshape(x.shape)  # (B, L, D)

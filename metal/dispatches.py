@@ -9,14 +9,13 @@ slices are contiguous).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..experts import KERNELS_ENV, SwitchGLU, route
-from .kernels import fused_switch_glu
+from ..experts import SwitchGLU, route
+from .kernels import builtin_ops, fused_switch_glu
 
 VIEW_PRIMITIVES = frozenset({"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose",
                              "StopGradient", "Flatten", "Unflatten"})
@@ -62,15 +61,8 @@ def moe_layer_counts(hidden: int = 128, ffn: int = 256, experts: int = 8, top_k:
     def fused(x, indices, weights):
         return fused_switch_glu(x, indices, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
-    saved = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = "0"  # SwitchGLU's own fallback path, also on a Mac
-    try:
+    with builtin_ops():  # SwitchGLU's own fallback path, also on a Mac
         builtin = count(traced_primitives(mlp, x, indices, weights))
-    finally:
-        if saved is None:
-            del os.environ[KERNELS_ENV]
-        else:
-            os.environ[KERNELS_ENV] = saved
     return {
         "router": count(traced_primitives(lambda x: route(router(x), top_k), x)),
         "builtin": builtin,

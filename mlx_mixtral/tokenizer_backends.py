@@ -164,7 +164,12 @@ class SentencePieceBackend:
         # added tokens; user-defined pieces stay with SentencePiece, which already emits them whole.
         tokens = {i: AddedToken(i, self.sp.id_to_piece(i)) for i in range(n)
                   if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        tokens.update({t.id: t for t in added})
+        for t in added:
+            # An added token whose text is already a piece keeps the piece's id (tokenizers reuses it).
+            piece = self.sp.piece_to_id(t.content)
+            if t.id >= n and not self.sp.is_unknown(piece) and self.sp.id_to_piece(piece) == t.content:
+                t = AddedToken(piece, t.content, t.special, t.lstrip, t.rstrip, t.single_word)
+            tokens[t.id] = t
         self.added = tokens
         self.special_ids = frozenset(i for i, t in tokens.items() if t.special)
         self.vocab_size = max(n, max(tokens, default=-1) + 1)

@@ -148,6 +148,17 @@ def test_recipes_beat_their_low_bits_and_load_in_both(tmp_path, hf_single, recip
     assert rel_err(logits(out), mlx_lm_logits(out)) < REL_TOL
 
 
+@pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=True), dict(dense=True)], ids=["tied", "dense"])
+def test_tied_embeddings_and_dense_mistral(tmp_path, overrides):
+    src = make_hf_checkpoint(tmp_path / "hf", **SHAPE, **overrides)
+    ref = transformers_logits(src)
+    assert rel_err(logits(convert(src, tmp_path / "f32")), ref) < REL_TOL
+    out = convert(src, tmp_path / "q", recipe="mixed_4_6")
+    assert json.loads((out / "config.json").read_text())["quantization"]["model.embed_tokens"]["bits"] == 6
+    assert rel_err(logits(out), mlx_lm_logits(out)) < REL_TOL
+    assert rel_err(logits(out), ref) < 0.3
+
+
 def test_dtype_casts_everything_not_quantized(tmp_path, hf_single):
     out = convert(hf_single, tmp_path / "bf16", quantize=True, dtype="bfloat16")
     tensors = {k: v for f in out.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}

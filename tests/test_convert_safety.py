@@ -187,11 +187,24 @@ def test_existing_destination_needs_force(tmp_path, hf_dir):
     assert (dst / "config.json").is_file()
 
 
-def test_hub_id_not_in_cache_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ConvertError, match="not in the local hub cache"):
-        convert("mistralai/Mixtral-8x7B-v0.1", tmp_path / "out")
+def test_hub_id_resolves_through_the_hub_cache(tmp_path, hf_dir, monkeypatch):
+    """A hub id is found in huggingface-hub's cache layout (models--org--name/snapshots/<commit>)
+    offline; the model card then names it as the base model."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConvertError, match="^someone/tiny-mixtral: not in the local hub cache"):
+        convert("someone/tiny-mixtral", tmp_path / "out")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-mixtral"
+    shutil.copytree(hf_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = convert("someone/tiny-mixtral", tmp_path / "out", quantize=True)
+    assert (out / "tokenizer.model").is_file()
+    assert "base_model: someone/tiny-mixtral" in (out / "README.md").read_text()
 
 
 _KILLED_SCRIPT = """

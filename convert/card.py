@@ -39,7 +39,10 @@ def write_model_card(model_dir: Path, source: Source, *, name: str, hub_id: str 
     config = json.loads((model_dir / "config.json").read_text())
     stats = model_stats(model_dir)
     family = "mixtral" if source.args.is_moe else "mistral"
-    origin = f"[{source.repo_id}](https://huggingface.co/{source.repo_id})" if source.repo_id else f"`{source.path.name}`"
+    if source.repo_id:
+        origin = f"[{source.repo_id}](https://huggingface.co/{source.repo_id})"
+    else:
+        origin = f"`{source.path.name}`"
     name = hub_id or name
     front = ["---", "library_name: mlx", "pipeline_tag: text-generation", f"tags:\n- mlx\n- {family}"]
     if source.repo_id:

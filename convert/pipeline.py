@@ -23,7 +23,7 @@ from .card import upload, write_model_card
 from .errors import ConvertError
 from .quant import config_entry, make_plan
 from .shards import Entry, ShardWriter, parse_size
-from .source import Source, open_source
+from .source import open_source
 from .transform import Context, convert_group, make_context
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -147,14 +147,17 @@ def _write_model(ctx: Context, out_dir: Path, entries: list[Entry], decisions: d
     finally:
         writer.abort()
         mx.set_cache_limit(old_limit)
-    config = _output_config(ctx.source, ctx, decisions)
+    config = _output_config(ctx, decisions)
     (out_dir / "config.json").write_text(json.dumps(config, indent=4) + "\n")
     for pattern in COPY_PATTERNS:
         for f in sorted(ctx.source.path.glob(pattern)):
             shutil.copyfile(f, out_dir / f.name)
 
 
-def _output_config(source: Source, ctx: Context, decisions: dict[str, dict | bool]) -> dict:
+def _output_config(ctx: Context, decisions: dict[str, dict | bool]) -> dict:
+    """The source's config (HF names; built from params.json for native sources) with the new
+    quantization and dtype."""
+    source = ctx.source
     config = source.args.to_hf_dict() if source.native else dict(source.config)
     for key in ("quantization", "quantization_config", "_name_or_path"):
         config.pop(key, None)

@@ -91,11 +91,11 @@ def _cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
 
 def convert_module(path: str, parts: dict[str, mx.array], ctx: Context) -> tuple[dict[str, mx.array], Decision]:
     src = ctx.source
-    extra = sorted(set(parts) - {"weight", "scales", "biases"}) if "scales" in parts else sorted(set(parts) - {"weight"})
+    allowed = {"weight", "scales", "biases"} if "scales" in parts else {"weight"}
+    extra = sorted(set(parts) - allowed)
     if extra or "weight" not in parts:
-        name = f"{path}.{extra[0]}" if extra else f"{path}.weight"
-        problem = "unexpected tensor" if extra else "missing tensor"
-        raise ConvertError(f"{src.path}: {problem} {name!r} (not part of a {src.args.model_type} model with this config)")
+        problem, name = ("unexpected", f"{path}.{extra[0]}") if extra else ("missing", f"{path}.weight")
+        raise ConvertError(f"{src.path}: {problem} tensor {name!r} (for a {src.args.model_type} model with this config)")
     quantized_in = "scales" in parts
     if quantized_in:
         q = ctx.source_quant.get(path)

@@ -3,8 +3,8 @@
 Counted from the graph MLX traces (mx.export_function with a callback), so it works off a Mac.
 A primitive that only re-describes memory (reshape of a contiguous array, broadcast, squeeze,
 slice, ...) launches nothing; every other primitive is one kernel launch. Not counted: copies MLX
-makes inside a primitive for non-contiguous inputs (none for a single decode token: its (1, 1, K)
-slices are contiguous).
+makes inside a primitive for non-contiguous inputs (none expected for a single decode token, whose
+(1, 1, K) slice of top-k ids has unit stride along K).
 """
 
 from __future__ import annotations

@@ -59,18 +59,27 @@ class ExpertGeometry:
     """Everything the kernels are specialised on (their template parameters)."""
 
     dtype: mx.Dtype      # activation dtype (x, h, output)
-    group_size: int
+    group_size: int      # of gate and up (one kernel reads both, so they must agree)
     bits: int
     hidden: int          # D
     ffn: int             # F
     experts: int         # E
     top_k: int           # K
     rows_per_simdgroup: int = ROWS_PER_SIMDGROUP
+    down_group_size: int | None = None  # down may differ (mixed-precision recipes); None: as gate/up
+    down_bits: int | None = None
+
+    def quantization(self, kind: str) -> tuple[int, int]:
+        """(group size, bits) of the weights kernel `kind` reads."""
+        if kind == DOWN:
+            return self.down_group_size or self.group_size, self.down_bits or self.bits
+        return self.group_size, self.bits
 
     def template(self, kind: str) -> list[tuple[str, object]]:
         # Both kernels name the hidden size D and the expert size F; the input size comes first.
         sizes = [("D", self.hidden), ("F", self.ffn)] if kind == GATE_UP else [("F", self.ffn), ("D", self.hidden)]
-        return [("T", self.dtype), ("GS", self.group_size), ("BITS", self.bits), *sizes,
+        group_size, bits = self.quantization(kind)
+        return [("T", self.dtype), ("GS", group_size), ("BITS", bits), *sizes,
                 ("E", self.experts), ("TOPK", self.top_k), ("R", self.rows_per_simdgroup)]
 
     def rows(self, kind: str) -> int:
@@ -141,14 +150,16 @@ def plan(x: mx.array, indices: mx.array, gate_proj, up_proj, down_proj) -> Exper
         return None
     (gw, gs, _), (uw, us, _), (dw, ds, _) = parts
     bits, group_size = gate_proj.bits, gate_proj.group_size
-    if any((layer.bits, layer.group_size) != (bits, group_size) for layer in (up_proj, down_proj)):
+    if (up_proj.bits, up_proj.group_size) != (bits, group_size):
         return None
     experts, ffn, hidden = gs.shape[0], gs.shape[1], gs.shape[2] * group_size
     if gw.shape != uw.shape or gs.shape != us.shape or x.shape[-1] != hidden:
         return None
-    if ds.shape != (experts, hidden, ffn // group_size) or ffn % group_size or dw.shape[0] != experts:
+    down_group = down_proj.group_size
+    if ds.shape != (experts, hidden, ffn // down_group) or ffn % down_group or dw.shape[0] != experts:
         return None
-    return ExpertGeometry(x.dtype, group_size, bits, hidden, ffn, experts, indices.shape[-1])
+    return ExpertGeometry(x.dtype, group_size, bits, hidden, ffn, experts, indices.shape[-1],
+                          down_group_size=down_group, down_bits=down_proj.bits)
 
 
 def fused_switch_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_proj, up_proj, down_proj):

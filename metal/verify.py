@@ -37,12 +37,14 @@ class Config:
     top_k: int
     tokens: int
     rows_per_simdgroup: int = 4
+    down_group_size: int | None = None  # mixed precision: down quantized unlike gate/up
+    down_bits: int | None = None
 
     @property
     def geometry(self) -> ExpertGeometry:
         hidden, ffn = SIZES[self.group_size]
         return ExpertGeometry(DTYPES[self.dtype], self.group_size, self.bits, hidden, ffn, EXPERTS,
-                              self.top_k, self.rows_per_simdgroup)
+                              self.top_k, self.rows_per_simdgroup, self.down_group_size, self.down_bits)
 
     @property
     def small_buffers(self) -> bool:
@@ -52,13 +54,15 @@ class Config:
     @property
     def label(self) -> str:
         space = "constant" if self.small_buffers else "device"
-        return (f"{self.dtype}/g{self.group_size}/{self.bits}bit/k{self.top_k}/T{self.tokens}"
+        down = f"+down:g{self.down_group_size}/{self.down_bits}bit" if self.down_bits else ""
+        return (f"{self.dtype}/g{self.group_size}/{self.bits}bit{down}/k{self.top_k}/T{self.tokens}"
                 f"/R{self.rows_per_simdgroup}/ids:{space}")
 
 
 def matrix() -> list[Config]:
     """Every dtype x group size x bit width; k = 1, 2, 3 and both buffer address spaces rotate over
-    them, and three extra configurations use 3 rows per simdgroup so row tiles end part-way."""
+    them; three extra configurations use 3 rows per simdgroup so row tiles end part-way, and two
+    quantize down unlike gate/up (mixed-precision recipes)."""
     tokens_for = {(1, True): 3, (2, True): 3, (3, True): 2, (1, False): 8, (2, False): 4, (3, False): 3}
     configs = []
     for d, dtype in enumerate(DTYPES):
@@ -67,6 +71,8 @@ def matrix() -> list[Config]:
             small = (c // 3 + d) % 2 == 0
             configs.append(Config(dtype, group_size, bits, k, tokens_for[(k, small)]))
         configs.append(Config(dtype, 64, 4 if d % 2 else 8, 2, 3, rows_per_simdgroup=3))
+    configs.append(Config("bfloat16", 64, 4, 2, 4, down_group_size=32, down_bits=8))
+    configs.append(Config("float16", 128, 8, 3, 2, down_group_size=64, down_bits=4))
     return configs
 
 
@@ -85,9 +91,9 @@ def make_case(config: Config, seed: int = 0) -> Case:
     rng = np.random.default_rng(seed)
     dtype = DTYPES[config.dtype]
 
-    def experts(n_out: int, n_in: int) -> tuple:
+    def experts(n_out: int, n_in: int, kind: str) -> tuple:
         w = mx.array(rng.standard_normal((EXPERTS, n_out, n_in)).astype(np.float32) / np.sqrt(n_in))
-        return tuple(mx.quantize(w.astype(dtype), g.group_size, g.bits))
+        return tuple(mx.quantize(w.astype(dtype), *g.quantization(kind)))
 
     ids = rng.integers(0, EXPERTS, (config.tokens, config.top_k))  # (T, K)
     ids[0, :] = ids[0, 0]  # repeated expert ids must each count
@@ -97,7 +103,8 @@ def make_case(config: Config, seed: int = 0) -> Case:
         x=mx.array(rng.standard_normal((config.tokens, g.hidden)).astype(np.float32)).astype(dtype),
         ids=mx.array(ids.reshape(-1).astype(np.uint32)),
         weights=mx.array(weights.reshape(-1).astype(np.float32)),
-        gate=experts(g.ffn, g.hidden), up=experts(g.ffn, g.hidden), down=experts(g.hidden, g.ffn),
+        gate=experts(g.ffn, g.hidden, GATE_UP), up=experts(g.ffn, g.hidden, GATE_UP),
+        down=experts(g.hidden, g.ffn, DOWN),
     )
 
 
@@ -130,7 +137,8 @@ def check(config: Config, case: Case, binary, first: int, kernels: list[emulator
     and the pair end to end against float64 math from x.
     """
     g, name = config.geometry, config.dtype
-    gate, up, down = (unpack_affine(*parts, g.group_size, g.bits) for parts in (case.gate, case.up, case.down))
+    gate, up, down = (unpack_affine(*parts, *g.quantization(kind)) for parts, kind in
+                      ((case.gate, GATE_UP), (case.up, GATE_UP), (case.down, DOWN)))
     x, ids, w = to_f64(case.x), np.array(case.ids).astype(np.int64), to_f64(case.weights)
     pairs = config.tokens * config.top_k
     quant = dict(zip(("gate_w", "gate_s", "gate_b"), case.gate)) | dict(zip(("up_w", "up_s", "up_b"), case.up))
@@ -172,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         emulator.syntax_check([k for pair in kernels for k in pair], cache)
         by_dtype = {d: [i for i, c in enumerate(configs) if c.dtype == d] for d in DTYPES}
         binaries = build_all([[k for i in idx for k in kernels[i]] for idx in by_dtype.values()], cache)
-        print(f"{'configuration':48} {'gate_up':>9} {'down':>9} {'pipeline':>9} {'TGs':>5} {'s':>5}")
+        print(f"{'configuration':56} {'gate_up':>9} {'down':>9} {'pipeline':>9} {'TGs':>5} {'s':>5}")
         for binary, idx in zip(binaries, by_dtype.values()):
             for j, i in enumerate(idx):
                 start = time.time()
                 err = check(configs[i], cases[i], binary, 2 * j, kernels[i])
-                print(f"{configs[i].label:48} {err['gate_up']:9.2e} {err['down']:9.2e} {err['pipeline']:9.2e} "
+                print(f"{configs[i].label:56} {err['gate_up']:9.2e} {err['down']:9.2e} {err['pipeline']:9.2e} "
                       f"{threadgroups(configs[i]):5d} {time.time() - start:5.1f}", flush=True)
     return 0
 

@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-group-size", type=int, default=None, help="affine group size (32, 64, 128; default 64)")
     p.add_argument("--q-mode", default="affine", choices=MODES,
                    help="quantization format; mxfp4/mxfp8/nvfp4 fix bits and group size")
-    p.add_argument("--recipe", "--quant-predicate", choices=list(RECIPES), default=None,
-                   help="mixed-precision recipe (implies -q): " +
-                        "; ".join(f"{r.name}: {r.help}" for r in RECIPES.values()))
+    p.add_argument("--recipe", "--quant-predicate", choices=list(RECIPES), default=None, metavar="RECIPE",
+                   help=f"one of {', '.join(RECIPES)} (implies -q): LOW bits, except HIGH bits for "
+                        "embeddings, lm_head, and v_proj/down_proj of the first, last and every third layer; "
+                        "*_attn also raises every attention projection")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="dtype of everything not quantized (default: as stored)")
     p.add_argument("-d", "--dequantize", action="store_true", help="turn a quantized MLX model into floats")

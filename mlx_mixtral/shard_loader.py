@@ -1,0 +1,154 @@
+"""Load one rank's part of a model: read only that part's bytes from the shared model directory.
+
+Works on the layouts `load_model` reads from safetensors: MLX (stacked experts, maybe quantized,
+as written by our converter, mlx-lm or the mlx-community hub) and Hugging Face (one tensor per
+expert). Each tensor is read with positioned reads from the file (safetensors: 8-byte header
+length, JSON header, raw row-major data; https://github.com/huggingface/safetensors), never
+memory-mapped whole, so a rank's resident memory is its share plus one read buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from .config import ConfigError, ModelArgs, read_config
+from .loader import (LoadError, _check_against_model, _wire_model_memory, check_memory, default_dtype,
+                     quantize_like_checkpoint)
+from .model import Mixtral, sanitize
+from .sharding import ShardPlan, plan_shards, shard_modules
+from .weights import TensorInfo, WeightsError, find_weight_files, read_headers
+
+# safetensors dtype -> numpy dtype of the same width; bfloat16 travels as its raw 16 bits.
+_NUMPY = {
+    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
+    "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "BOOL": np.bool_,
+}
+# Column slices are read a block of whole rows at a time; this bounds that block.
+READ_BLOCK_BYTES = 64 << 20
+
+
+def _read_into(f, offset: int, out: np.ndarray) -> None:
+    view = memoryview(out).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise WeightsError(f"{f.name}: file ended while reading tensor data at byte {offset + done}")
+        done += n
+
+
+def read_slice(info: TensorInfo, spec: tuple[int, int, int] | None) -> mx.array:
+    """Tensor `info`, or only rows (axis -2) / columns (axis -1) start:stop of its last two dims
+    (leading dims, e.g. stacked experts, are kept whole), reading no other rows from disk."""
+    if info.dtype not in _NUMPY:
+        raise WeightsError(f"{info.file}: dtype {info.dtype} cannot be loaded here")
+    dtype = np.dtype(_NUMPY[info.dtype])
+    shape = info.shape
+    with open(info.file, "rb", buffering=0) as f:
+        if spec is None:
+            out = np.empty(shape, dtype)
+            _read_into(f, info.start, out)
+        else:
+            axis, start, stop = spec
+            *lead, rows, cols = shape
+            blocks = math.prod(lead)
+            row_bytes = cols * dtype.itemsize
+            if axis == -2:
+                out = np.empty((blocks, stop - start, cols), dtype)
+                for b in range(blocks):  # one contiguous run of rows per expert
+                    _read_into(f, info.start + (b * rows + start) * row_bytes, out[b])
+            else:
+                out = np.empty((blocks, rows, stop - start), dtype)
+                step = max(1, READ_BLOCK_BYTES // row_bytes)
+                buf = np.empty((min(step, rows), cols), dtype)
+                for b in range(blocks):
+                    for r in range(0, rows, step):
+                        n = min(step, rows - r)
+                        _read_into(f, info.start + (b * rows + r) * row_bytes, buf[:n])
+                        out[b, r : r + n] = buf[:n, start:stop]
+            out = out.reshape(*lead, *out.shape[1:])
+    array = mx.array(out)
+    return array.view(mx.bfloat16) if info.dtype == "BF16" else array
+
+
+def source_tensors(headers: dict[str, TensorInfo], args: ModelArgs, model_dir: Path) -> dict[str, list[str]]:
+    """Model parameter name -> the checkpoint tensors it is made of: one, or one per expert (in
+    expert order) for a Hugging Face layout that `sanitize` stacks.
+
+    The mapping comes from the model's own `sanitize`, run on placeholders that carry each tensor's
+    index (0-d arrays; stacking them gives the expert order), so the name mapping exists only once."""
+    names = sorted(headers)
+    native = next((n for n in names if not n.startswith(("model.", "lm_head."))), None)
+    if native is not None:
+        raise LoadError(f"{model_dir}: Mistral-native tensor names (e.g. {native!r}); distributed loading reads "
+                        f"Hugging Face or MLX layouts, convert it first with `mlx-mixtral convert`")
+    marks = {n: mx.array(i) for i, n in enumerate(names)}
+    try:
+        mapped = sanitize(marks, args)
+    except ValueError as e:
+        raise LoadError(f"{model_dir}: {e}") from None
+    return {final: [names[i] for i in np.array(mark).reshape(-1).tolist()] if mark.ndim else [names[mark.item()]]
+            for final, mark in mapped.items()}
+
+
+def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: mx.Dtype | None = None,
+                 memory_check: str = "warn") -> Mixtral:
+    """This rank's part of the model in `model_dir` (see sharding.py for the split), with the same
+    checks and dtype rules as `load_model`. The plan is at `model.shard_plan`."""
+    model_dir = Path(model_dir)
+    args, headers, sources, shapes = _inspect(model_dir)
+    plan = plan_shards(args, group.size(), shapes)
+    rank = group.rank()
+
+    weights: dict[str, mx.array] = {}
+    try:
+        for name, src in sources.items():
+            spec = plan.slice_of(name, shapes[name], rank)
+            parts = [read_slice(headers[s], spec) for s in src]
+            weights[name] = mx.stack(parts) if len(parts) > 1 else parts[0]
+            mx.eval(weights[name])  # one tensor at a time: the parts are freed before the next read
+    except WeightsError as e:
+        raise LoadError(str(e)) from None
+
+    model = Mixtral(args)
+    shard_modules(model, plan, rank, group)
+    quantize_like_checkpoint(model, weights, args.quantization or {})
+    _check_against_model(model, weights, headers, model_dir)
+
+    dtype = dtype or default_dtype(weights)
+    for name, value in weights.items():
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
+            weights[name] = value.astype(dtype)
+            mx.eval(weights[name])
+    check_memory(sum(v.nbytes for v in weights.values()), model_dir, memory_check)
+    model.update(tree_unflatten(list(weights.items())))
+    model.eval()
+    mx.eval(model.parameters())
+    _wire_model_memory(model)
+    model.shard_plan = plan
+    return model
+
+
+def plan_for_dir(model_dir: str | Path, size: int) -> ShardPlan:
+    """The plan `load_sharded` would use for `size` ranks, read from headers only (no weights)."""
+    args, _, _, shapes = _inspect(Path(model_dir))
+    return plan_shards(args, size, shapes)
+
+
+def _inspect(model_dir: Path):
+    """(args, headers, parameter -> source tensors, parameter -> full shape) from config and headers."""
+    try:
+        args = ModelArgs.from_dict(read_config(model_dir))
+        headers = read_headers(find_weight_files(model_dir))
+    except (ConfigError, WeightsError) as e:
+        raise LoadError(str(e)) from None
+    sources = source_tensors(headers, args, model_dir)
+    shapes = {name: ((len(src),) if len(src) > 1 else ()) + headers[src[0]].shape for name, src in sources.items()}
+    return args, headers, sources, shapes

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-mode", default="affine", choices=MODES,
                    help="quantization format; mxfp4/mxfp8/nvfp4 fix bits and group size")
     p.add_argument("--recipe", "--quant-predicate", choices=list(RECIPES), default=None, metavar="RECIPE",
-                   help=f"one of {', '.join(RECIPES)} (implies -q): LOW bits, except HIGH bits for "
+                   help=f"one of {', '.join(RECIPES)} (implies -q); mixed_LOW_HIGH uses LOW bits except HIGH for "
                         "embeddings, lm_head, and v_proj/down_proj of the first, last and every third layer; "
                         "*_attn also raises every attention projection")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,

@@ -27,7 +27,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Recipe:
-    """Low bits everywhere except the modules below, which get high bits."""
+    """Low bits everywhere; high bits for the embeddings, lm_head, and v_proj and down_proj of
+    the sensitive layers (see `sensitive_layer`)."""
 
     name: str
     low: int
@@ -35,16 +36,14 @@ class Recipe:
     # Also raise every attention projection (q, k, v, o) in every layer: attention is ~3% of a
     # Mixtral's weights, so this costs little size.
     all_attention: bool = False
-    help: str = ""
 
 
 RECIPES = {r.name: r for r in [
-    Recipe("mixed_2_6", 2, 6, help="2-bit, 6-bit embeddings/lm_head and v_proj/down_proj of sensitive layers"),
-    Recipe("mixed_3_4", 3, 4, help="3-bit, 4-bit embeddings/lm_head and v_proj/down_proj of sensitive layers"),
-    Recipe("mixed_3_6", 3, 6, help="3-bit, 6-bit embeddings/lm_head and v_proj/down_proj of sensitive layers"),
-    Recipe("mixed_4_6", 4, 6, help="4-bit, 6-bit embeddings/lm_head and v_proj/down_proj of sensitive layers"),
-    Recipe("mixed_3_6_attn", 3, 6, all_attention=True,
-           help="as mixed_3_6, and every attention projection at 6 bits"),
+    Recipe("mixed_2_6", 2, 6),
+    Recipe("mixed_3_4", 3, 4),
+    Recipe("mixed_3_6", 3, 6),
+    Recipe("mixed_4_6", 4, 6),
+    Recipe("mixed_3_6_attn", 3, 6, all_attention=True),
 ]}
 
 

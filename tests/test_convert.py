@@ -246,3 +246,19 @@ def test_mistral_native_layout_converts_to_the_same_tensors(tmp_path, hf_single,
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     if not quantize:
         assert rel_err(logits(b_dir), transformers_logits(hf_single)) < REL_TOL
+
+
+def test_recipe_layers_follow_llama_cpp_q4_k_m_split():
+    """llama.cpp's Q4_K_M gives extra bits to layer i when i < n/8, i >= 7n/8 or (i - n/8) % 3 == 2."""
+    from mlx_mixtral.convert.quant import make_plan
+
+    n = 32
+    plan = make_plan(None, 64, "affine", "mixed_3_6", n)
+    for i in range(n):
+        reference = i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+        v = plan.for_module(f"model.layers.{i}.self_attn.v_proj", 4096)
+        down = plan.for_module(f"model.layers.{i}.block_sparse_moe.switch_mlp.down_proj", 14336)
+        up = plan.for_module(f"model.layers.{i}.block_sparse_moe.switch_mlp.up_proj", 4096)
+        assert (v["bits"], down["bits"], up["bits"]) == ((6, 6, 3) if reference else (3, 3, 3)), i
+        assert plan.for_module(f"model.layers.{i}.block_sparse_moe.gate", 4096) is False
+    assert plan.for_module("lm_head", 4096)["bits"] == 6 and plan.for_module("model.embed_tokens", 4096)["bits"] == 6

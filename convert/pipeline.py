@@ -103,9 +103,11 @@ def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     raise ConvertError(f"unsupported dtype {dtype!r} (expected one of: {', '.join(DTYPES)})")
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
+def _overlaps(source: Path, dst: Path) -> bool:
+    """Writing to the source itself or a directory holding it would replace (with force) or
+    shadow what is being read; a new directory inside the source is harmless."""
+    source, dst = source.resolve(), dst.resolve()
+    return source == dst or dst in source.parents
 
 
 def _plan_outputs(ctx: Context) -> tuple[list[Entry], dict[str, dict | bool]]:

@@ -184,7 +184,10 @@ def test_existing_destination_needs_force(tmp_path, hf_dir):
     assert leftovers(tmp_path, ".out.") == []
     with pytest.raises(ConvertError, match="overlaps the source"):
         convert(dst, dst, force=True)
+    with pytest.raises(ConvertError, match="overlaps the source"):
+        convert(dst, tmp_path, force=True)
     assert (dst / "config.json").is_file()
+    assert (convert(dst, dst / "resharded") / "config.json").is_file()
 
 
 def test_hub_id_resolves_through_the_hub_cache(tmp_path, hf_dir, monkeypatch):

@@ -27,7 +27,7 @@ for (int r = 0; r < R; r++) {
 for (int slot = 0; slot < TOPK; slot++) {
   const uint pair = token * TOPK + slot;
   const uint expert = metal::min(static_cast<uint>(indices[pair]), uint(E - 1));
-  const float mix = static_cast<float>(weights[pair]);
+  const float routed = static_cast<float>(weights[pair]);
   float part[R];
   for (int r = 0; r < R; r++) {
     part[r] = 0.0f;
@@ -53,7 +53,7 @@ for (int slot = 0; slot < TOPK; slot++) {
   // The router weight multiplies a lane's partial sum; simd_sum below is linear, so this is
   // the weighted sum of the k expert outputs.
   for (int r = 0; r < R; r++) {
-    acc[r] += mix * part[r];
+    acc[r] += routed * part[r];
   }
 }
 

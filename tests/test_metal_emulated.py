@@ -127,8 +127,8 @@ def test_deadlocked_barrier_times_out(broken):
                     reason="clang checks address spaces (the CI installs it)")
 def test_clang_catches_a_constant_buffer_used_as_device(tmp_path):
     """g++ (address spaces erased) accepts this; Metal and the clang check do not."""
-    body = _replace(DOWN, "const float mix = static_cast<float>(weights[pair]);",
-                    "const device float* mixes = weights;\n  const float mix = mixes[pair];")
+    body = _replace(DOWN, "const float routed = static_cast<float>(weights[pair]);",
+                    "const device float* mixes = weights;\n  const float routed = mixes[pair];")
     kernels = verify.capture(SMALL, verify.make_case(SMALL), {DOWN: body})
     with pytest.raises(emulator.EmulatorError, match="address-space"):
         emulator.syntax_check(kernels, tmp_path)

@@ -77,10 +77,8 @@ def convert_group(raw: dict[str, mx.array], ctx: Context) -> Iterator[tuple[str,
     for name in sorted(tensors):
         modules.setdefault(name.rsplit(".", 1)[0], []).append(name)
     for path, names in modules.items():
-        parts = {name.rsplit(".", 1)[1]: tensors.pop(name) for name in names}
-        out, decision = convert_module(path, parts, ctx)
-        del parts
-        yield path, out, decision
+        # No local names for the parts or outputs: a suspended generator would keep them alive.
+        yield (path, *convert_module(path, {n.rsplit(".", 1)[1]: tensors.pop(n) for n in names}, ctx))
 
 
 def _cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:

@@ -55,7 +55,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *, quantize: bool = False
 
     quantize/q_bits/q_group_size/q_mode: quantize every linear, expert and embedding layer except
     the MoE routers (modes affine, mxfp4, mxfp8, nvfp4; the last three fix bits and group size).
-    recipe: a mixed-precision recipe name from `RECIPES` (implies quantize, mode affine).
+    recipe: a mixed-precision recipe name from `RECIPES` (implies quantize, mode affine; its two bit
+    widths replace q_bits, q_group_size still applies).
     dtype: "float16", "bfloat16" or "float32" for everything not quantized (default: as stored).
     dequantize: turn a quantized MLX checkpoint back into floating point.
     An MLX source without quantize/dequantize is resharded (and cast) with its quantization kept.

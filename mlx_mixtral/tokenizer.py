@@ -298,7 +298,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
                 special_tokens[name] = sp.id_to_piece(piece_id)
     elif tokenizer_json:
         try:
-            backend = TokenizersBackend(tokenizer_json, added)
+            backend = TokenizersBackend(tokenizer_json, added, json_path)
         except Exception as e:  # the tokenizers library raises its own exception type
             raise TokenizerError(f"{json_path}: cannot load ({' '.join(str(e).split())})") from None
     else:

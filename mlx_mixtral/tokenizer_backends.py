@@ -260,11 +260,12 @@ def piece_decoder_spec(decoder: dict | None) -> dict | None:
 
 
 class TokenizersBackend:
-    def __init__(self, tokenizer_json: dict, extra_added: Sequence[AddedToken] = ()):
+    def __init__(self, tokenizer_json: dict, extra_added: Sequence[AddedToken] = (), path: Path | None = None):
         from tokenizers import AddedToken as HFAddedToken
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.tok = HFTokenizer.from_str(json.dumps(tokenizer_json))
+        self._json = tokenizer_json
+        self.tok = HFTokenizer.from_file(str(path)) if path else HFTokenizer.from_str(json.dumps(tokenizer_json))
         known = {t["id"] for t in tokenizer_json.get("added_tokens", [])}
         missing = [t for t in sorted(extra_added, key=lambda t: t.id)
                    if t.id not in known and self.tok.token_to_id(t.content) is None]
@@ -274,24 +275,26 @@ class TokenizersBackend:
         specials = {t["id"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
         self.special_ids = frozenset(specials | {t.id for t in missing if t.special})
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        # The same model without added tokens, for mistral-common style encoding (see encode_raw).
-        self._raw = HFTokenizer.from_str(json.dumps({**tokenizer_json, "added_tokens": []}))
-        # A non-legacy Metaspace leaves out the dummy prefix when text starts with a space, where
-        # SentencePiece still adds one; detect that behaviour rather than parse every pipeline.
-        self._raw_space_fix = self._raw_ids(" x") == self._raw_ids("x")
+        self._raw = None  # built on first use, see encode_raw
         self._decoder_spec = piece_decoder_spec(tokenizer_json.get("decoder"))
         self._table: PieceTable | None = None
-
-    def _raw_ids(self, text: str) -> list[int]:
-        return self._raw.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_raw(self, text: str) -> list[int]:
+        if self._raw is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            # The same model without added tokens, built on first use (only the Mistral chat formats need it).
+            self._raw = HFTokenizer.from_str(json.dumps({**self._json, "added_tokens": []}))
+            # A non-legacy Metaspace leaves out the dummy prefix when text starts with a space, where
+            # SentencePiece still adds one; detect that behaviour rather than parse every pipeline.
+            probe = [self._raw.encode(t, add_special_tokens=False).ids for t in (" x", "x")]
+            self._raw_space_fix = probe[0] == probe[1]
         if self._raw_space_fix and text.startswith((" ", SPACE)):
-            return self._raw_ids(" " + text)
-        return self._raw_ids(text)
+            text = " " + text
+        return self._raw.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -112,13 +112,14 @@ def test_added_token_flags_match_transformers(tmp_path):
     flags = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
     extra = {32002: {**flags, "content": "<tool>", "lstrip": True, "rstrip": True, "special": True},
              32003: {**flags, "content": "<word>", "single_word": True, "special": False},
-             # Already a piece of the vocabulary: transformers keeps the piece's id (10993), not 32004.
-             32004: {**flags, "content": "WORD", "special": False}}
+             32004: {**flags, "content": "<tool>call", "special": True},  # overlaps <tool>: longest wins
+             # Already a piece of the vocabulary: transformers keeps the piece's id (10993), not 32005.
+             32005: {**flags, "content": "WORD", "special": False}}
     path = write_sp_dir(tmp_path / "flags", "v1", tokenizer_config("v1", extra_added=extra))
     ours, hf = load_tokenizer(path), hf_tokenizer(str(path))
     texts = ["a <tool> b", "a<tool>b", "x \n <tool>\n\ny", "<tool><tool>  <tool>", "<word> here", "a<word>b",
-             "a <word> b", "<word>s <word>", " WORD", "WORD here", "x WORD y", "<|im_start|> <tool> WORD <word>"]
-    assert ours.vocab_size == len(hf) == 32004
+             "a <word> b", "<word>s <word>", "<tool>call me <tool>cal", " WORD", "WORD here", "x WORD y", "<|im_start|> <tool> WORD <word>"]
+    assert ours.vocab_size == len(hf) == 32005
     for text in texts:
         assert ours.encode(text) == hf.encode(text), text
         ids = hf.encode(text)

@@ -126,10 +126,16 @@ def init_group(timeout: float | None = None) -> mx.distributed.Group:
     rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
     message = (f"mlx-mixtral: rank {rank}: the other ranks did not connect within {timeout:g} s "
                f"(check the hostfile's IPs and that every host started; {TIMEOUT_ENV} sets the limit)")
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and Path(hostfile).is_file() and not Path(hostfile).read_text().strip():
+        # `mlx.launch -n 1` writes an empty hostfile, which the ring backend cannot parse: a group of one.
+        del os.environ["MLX_HOSTFILE"]
+        return mx.distributed.init()
     with _process_deadline(timeout, message):
         try:
             return mx.distributed.init(strict=True)
         except RuntimeError as e:
+
             raise DistributedError(f"--distributed: no distributed backend could start ({e}); run the command "
                                    f"under `mlx.launch` (see the README, 'Two Macs')") from None
 

@@ -230,7 +230,14 @@ def lockstep(group: mx.distributed.Group, items: Iterable[T], token_of: Callable
         return
     watchdog = watchdog or _watchdog(group.rank())
     step = _lead if group.rank() == 0 else _follow
-    yield from step(group, iter(items), token_of or (lambda item: None), watchdog)
+    it = iter(items)
+    try:
+        yield from step(group, it, token_of or (lambda item: None), watchdog)
+    finally:
+        # Only once the ranks agreed to stop: the generator's own clean-up runs on every rank alike.
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def _flag(group: mx.distributed.Group, value: int, watchdog: Watchdog) -> int:

@@ -1,10 +1,11 @@
 """One rank of the distributed tests, started by `mlx.launch` (or by hand with MLX_RANK/MLX_HOSTFILE).
 
-    python distributed_worker.py OUT_DIR MODEL_DIR[,MODEL_DIR_OF_RANK_1,...] [--steps N] [--die RANK:ITEMS] [--hang RANK:ITEMS]
+    python distributed_worker.py OUT_DIR MODEL_DIR[,MODEL_DIR_OF_RANK_1,...] [--steps N] [--die RANK:ITEMS] [--hang RANK:ITEMS] [--diverge]
 
-Loads this rank's shard of the model, then rank 0 leads two greedy requests (the first one
-stopped early by its consumer, to prove the ranks stay in step) and writes the second one's
-tokens and logits to OUT_DIR/rank0.npz; the other ranks follow. `--die 1:2` makes rank 1 exit
+Loads this rank's shard of the model, then rank 0 leads a greedy request that its consumer stops
+early, one that fails on every rank, one that checks the ranks agree on tokens (`--diverge` makes
+them disagree), then a full greedy request whose tokens and logits go to OUT_DIR/rank0.npz; the
+other ranks follow. The later requests only work if the ranks stayed in step. `--die 1:2` makes rank 1 exit
 abruptly after its second item, as a crashed machine would; `--hang 1:2` makes it stop answering.
 """
 
@@ -45,6 +46,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--die", default=None)
     parser.add_argument("--hang", default=None)
+    parser.add_argument("--diverge", action="store_true")
     args = parser.parse_args()
 
     group = init_group()
@@ -66,7 +68,14 @@ def main() -> int:
                 time.sleep(3600)  # alive, sockets open, but silent: a hung rank
             yield item
 
-    handlers = {"greedy": run}
+    def fail(request):
+        yield {"token": 7}
+        raise ValueError("bad request")  # on every rank alike, like an invalid option would
+
+    def diverge(request):
+        yield {"token": 7 + (rank if args.diverge else 0)}
+
+    handlers = {"greedy": run, "fail": fail, "diverge": diverge}
     token_of = lambda item: item["token"]  # noqa: E731
     if rank != 0:
         follow(group, handlers, token_of)
@@ -74,6 +83,11 @@ def main() -> int:
     for i, _ in enumerate(lead(group, {"op": "greedy", "prompt": PROMPT[:5], "steps": 5}, handlers, token_of)):
         if i == 1:
             break  # rank 0's consumer stops early; the followers must stop at the same item
+    try:
+        list(lead(group, {"op": "fail"}, handlers, token_of))
+    except ValueError:
+        pass  # the followers saw the same failure and wait for the next request
+    list(lead(group, {"op": "diverge"}, handlers, token_of))
     items = list(lead(group, {"op": "greedy", "prompt": PROMPT, "steps": args.steps}, handlers, token_of))
     release_followers(group)
     np.savez(os.path.join(args.out, "rank0.npz"), tokens=np.array([it["token"] for it in items]),

@@ -186,3 +186,10 @@ def test_mismatched_model_dirs_are_refused_on_every_rank(tiny_hf_dir, tmp_path):
     assert (rc0, rc1) == (1, 1)
     for rank, err in enumerate((err0, err1)):
         assert f"rank {rank}: the model directory differs between ranks (ranks [1] do not match rank 0" in err
+
+
+def test_ranks_that_generate_different_tokens_stop_with_a_clear_message(tiny_hf_dir, tmp_path):
+    (rc0, err0), (rc1, err1) = _finish(_start_by_hand(2, tmp_path, str(tiny_hf_dir), "--diverge"))
+    assert rc1 == 1
+    assert "rank 1: generated token 8 where rank 0 generated 7; the ranks diverged" in err1
+    assert rc0 == 1 and "rank 0: lost the connection to another rank" in err0

@@ -135,7 +135,6 @@ def init_group(timeout: float | None = None) -> mx.distributed.Group:
         try:
             return mx.distributed.init(strict=True)
         except RuntimeError as e:
-
             raise DistributedError(f"--distributed: no distributed backend could start ({e}); run the command "
                                    f"under `mlx.launch` (see the README, 'Two Macs')") from None
 

@@ -1,0 +1,165 @@
+"""Multi-turn chat that keeps the KV cache between turns.
+
+Each turn renders the whole conversation with the chat template, finds how much of it the cache
+already holds (the longest common prefix of token ids), trims the cache back to that prefix if
+the two disagree, and prefills only the rest. With the Mistral templates the new conversation
+extends the previous one, so turn N prefills just its own tokens; when a template rewrites
+history (mistral-common v3 moves the system prompt into the last user message) the prefix is
+shorter and more is recomputed, but the model always sees exactly what the template says.
+
+Context limit: with the default unbounded cache a turn that does not fit in the model's context
+(`max_position_embeddings`, or `context_length`) raises `ContextLimitError` and leaves the
+session unchanged, and answers are cut ("length") where the context ends. With `max_kv_size=W`
+the cache keeps the newest W tokens and attention becomes a sliding window of W tokens, so the
+chat never runs out of room but forgets what fell out of the window.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from .cache import Cache, load_prompt_cache, save_prompt_cache
+from .generate import GenerationResponse, stream_generate
+
+SESSION_FORMAT = "mlx-mixtral-chat/1"
+
+
+class ContextLimitError(ValueError):
+    """The conversation no longer fits in the model's context."""
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reuse_cache(cache: list[Cache], cached_ids: list[int], ids: list[int]) -> int:
+    """Trim `cache` (which holds `cached_ids`) to its longest prefix shared with `ids`; return
+    how many leading ids it still holds, or -1 when it cannot be trimmed that far (a rotating
+    cache that has dropped the keys the shorter prefix needs) and must be rebuilt. At least
+    the last id of `ids` is always left to prefill, since its logits start the answer."""
+    keep = min(common_prefix_length(cached_ids, ids), len(ids) - 1)
+    drop = len(cached_ids) - keep
+    if drop and any(layer.trimmable() < drop for layer in cache):
+        return -1
+    for layer in cache:
+        layer.trim(drop)
+    return keep
+
+
+class ChatSession:
+    """A conversation with a model; `send` streams the answer to one user message.
+
+    Generation options given here (temperature, top_p, max_tokens, stop, ...) are the defaults
+    for every turn; keyword arguments to `send`/`stream` override them for one turn.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, system: str | None = None, max_kv_size: int | None = None,
+                 context_length: int | None = None, chat_template: str | None = None, **options: Any):
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.max_kv_size = max_kv_size
+        self.context_length = context_length or model.args.max_position_embeddings
+        self.chat_template = chat_template
+        self.options = options
+        self.last: GenerationResponse | None = None  # the final response of the latest turn
+        self.reset()
+
+    def reset(self, system: str | None = None) -> None:
+        """Forget the conversation (and, if given, set a new system prompt)."""
+        if system is not None:
+            self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.cache = self.model.make_cache(self.max_kv_size)
+        self.cached_ids: list[int] = []  # the ids whose keys/values `cache` holds, in order
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as the chat template sees them, system prompt first."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def send(self, text: str, **options: Any) -> Iterator[str]:
+        """Stream the answer to `text` as text pieces."""
+        for response in self.stream(text, **options):
+            if response.text:
+                yield response.text
+
+    def stream(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
+        """Stream the answer to `text` as `GenerationResponse`s (`prompt_tokens` counts only the
+        tokens prefilled for this turn). Closing the stream early keeps the partial answer."""
+        options = {**self.options, **options}
+        messages = self.conversation() + [{"role": "user", "content": text}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=self.chat_template)
+        if self.max_kv_size is None and self.context_length is not None:
+            room = self.context_length - len(ids)
+            if room < 1:
+                raise ContextLimitError(
+                    f"the conversation is {len(ids)} tokens and the model's context is {self.context_length}; "
+                    f"reset the chat, or start it with max_kv_size=N to keep a sliding window of N tokens")
+            wanted = options.get("max_tokens", 256)
+            options["max_tokens"] = room if wanted is None else min(wanted, room)
+
+        kept = reuse_cache(self.cache, self.cached_ids, ids)
+        if kept < 0:
+            self.cache, kept = self.model.make_cache(self.max_kv_size), 0
+        self.cached_ids = ids[:kept]
+        self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        tokens: list[int] = []
+        try:
+            for response in stream_generate(self.model, self.tokenizer, ids[kept:], cache=self.cache, **options):
+                pieces.append(response.text)
+                tokens.append(response.token)
+                self.last = response
+                yield response
+        finally:
+            if tokens:
+                self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            else:  # failed or stopped before the first token: the turn did not happen
+                self.messages.pop()
+            self._sync_cached_ids(ids + tokens)
+
+    def _sync_cached_ids(self, fed: list[int]) -> None:
+        """Record what the cache holds after a turn: a prefix of prompt + generated tokens (the
+        decode loop may or may not have fed the last one). An interrupted forward pass can leave
+        layers at different lengths; such a cache is dropped and rebuilt next turn."""
+        offsets = {layer.offset for layer in self.cache}
+        if len(offsets) == 1 and offsets.pop() <= len(fed):
+            self.cached_ids = fed[: self.cache[0].offset]
+        else:
+            self.cache, self.cached_ids = self.model.make_cache(self.max_kv_size), []
+
+    def save(self, path: str | Path) -> None:
+        """Write the messages and the KV cache to one safetensors file."""
+        if not self.cached_ids:
+            raise ValueError("nothing to save: the chat has no turns yet")
+        meta = {"format": SESSION_FORMAT, "system": json.dumps(self.system), "messages": json.dumps(self.messages),
+                "token_ids": json.dumps(self.cached_ids), "max_kv_size": json.dumps(self.max_kv_size)}
+        save_prompt_cache(path, self.cache, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any, tokenizer: Any, **kwargs: Any) -> "ChatSession":
+        """A session saved by `save`, continuing exactly where it stopped, on the same model."""
+        cache, meta = load_prompt_cache(path)
+        if meta.get("format") != SESSION_FORMAT:
+            raise ValueError(f"{path}: not a saved chat session (format {meta.get('format')!r}, "
+                             f"expected {SESSION_FORMAT!r})")
+        args = model.args
+        keys = cache[0].state[0] if cache else None
+        if len(cache) != args.num_hidden_layers or keys is None or \
+                (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim):
+            got = "no layers" if keys is None else f"{len(cache)} layers of {keys.shape[1]}x{keys.shape[3]} keys"
+            raise ValueError(f"{path}: saved for another model ({got}; this model has {args.num_hidden_layers} "
+                             f"layers of {args.num_key_value_heads}x{args.head_dim})")
+        kwargs.setdefault("system", json.loads(meta["system"]))
+        kwargs.setdefault("max_kv_size", json.loads(meta["max_kv_size"]))
+        session = cls(model, tokenizer, **kwargs)
+        session.messages = json.loads(meta["messages"])
+        session.cache, session.cached_ids = cache, json.loads(meta["token_ids"])
+        return session

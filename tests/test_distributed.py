@@ -193,3 +193,27 @@ def test_ranks_that_generate_different_tokens_stop_with_a_clear_message(tiny_hf_
     assert rc1 == 1
     assert "rank 1: generated token 8 where rank 0 generated 7; the ranks diverged" in err1
     assert rc0 == 1 and "rank 0: lost the connection to another rank" in err0
+
+
+def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
+    """The library behind `--distributed`: sampled generation (seeded, and seeded by rank 0) and a
+    chat whose second turn is cut short give what one process gives."""
+    from distributed_api_worker import run_chat
+    from mlx_mixtral.chat import ChatSession
+    from mlx_mixtral.generate import stream_generate
+    from mlx_mixtral.tokenizer import load_tokenizer
+    from tiny_models import add_tokenizer
+
+    model_dir = add_tokenizer(make_hf_checkpoint(tmp_path / "m", vocab_size=32000, seed=5))
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    run = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "-p", str(_free_ports(2)), "--python",
+                          sys.executable, str(WORKER.with_name("distributed_api_worker.py")), str(tmp_path),
+                          str(model_dir)], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
+    assert (tmp_path / "api.json").is_file(), run.stderr
+    got = json.loads((tmp_path / "api.json").read_text())
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    sampled = stream_generate(model, tokenizer, "The capital of France", max_tokens=8, temperature=0.9, top_k=20,
+                              seed=11)
+    assert got["sampled"] == [r.token for r in sampled]
+    assert len(got["unseeded"]) == 6
+    assert got["chat"] == json.loads(json.dumps(run_chat(ChatSession(model, tokenizer, temperature=0.0))))

@@ -1,0 +1,163 @@
+"""What `generate`, `chat` and `serve --distributed` need: this rank's part of a model sharded over an
+`mlx.launch` group, generation that every rank runs in lock step, and the followers' loop.
+
+    dm = DistributedModel.start(args.model)         # on every rank
+    if not dm.is_leader:
+        return dm.follow()                          # ranks 1..N-1: mirror rank 0 until it closes
+    for r in dm.stream_generate(prompt, max_tokens=64, temperature=0.7):
+        print(r.text, end="")                       # rank 0 only: it talks to the user
+    dm.close()                                      # releases the followers
+
+Requests carry token ids and JSON-able options only. A request without a seed gets one chosen by
+rank 0, so sampling draws the same tokens on every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+
+from .chat import ChatSession
+from .distributed import check_same_model, follow, init_group, lead, release_followers
+from .generate import GenerationResponse, _prompt_ids, stream_generate
+from .loader import resolve_model_dir
+from .shard_loader import load_sharded
+from .sharding import describe
+
+# Options that are Python objects (or live state) and cannot travel to the other ranks.
+_LOCAL_ONLY = ("sampler", "logits_processors", "cache")
+
+
+def _encode_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON: refuse Python objects; `logit_bias` as pairs (JSON object keys are strings)."""
+    bad = [k for k in _LOCAL_ONLY if options.get(k) is not None]
+    if bad:
+        raise ValueError(f"option {bad[0]!r} cannot be used with --distributed (only JSON-able options travel)")
+    options = dict(options)
+    if options.get("logit_bias"):
+        options["logit_bias"] = [[int(k), float(v)] for k, v in options["logit_bias"].items()]
+    return options
+
+
+def _seeded(options: dict[str, Any], default_seed: Any = None) -> dict[str, Any]:
+    """Without a seed every rank would draw its own random key; rank 0 picks one for all."""
+    if options.get("seed") is None and default_seed is None:
+        options = {**options, "seed": int.from_bytes(os.urandom(4), "little")}
+    return options
+
+
+def _decode_options(options: dict[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    if options.get("logit_bias"):
+        options["logit_bias"] = {int(k): v for k, v in options["logit_bias"]}
+    return options
+
+
+class DistributedModel:
+    """One rank: its shard of the model, the tokenizer, and the requests every rank runs alike."""
+
+    def __init__(self, group: mx.distributed.Group, model: Any, tokenizer: Any, model_dir: Path):
+        self.group, self.model, self.tokenizer, self.model_dir = group, model, tokenizer, model_dir
+        self.rank = group.rank()
+        self._sessions: dict[int, ChatSession] = {}
+        self._session_ids = itertools.count()
+        self._handlers = {"generate": self._generate, "chat.open": self._chat_open,
+                          "chat.stream": self._chat_stream, "chat.reset": self._chat_reset}
+
+    @classmethod
+    def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> "DistributedModel":
+        """Join the group, check every rank has the same model, load this rank's part of it."""
+        from .tokenizer import load_tokenizer
+
+        group = init_group()
+        model_dir = resolve_model_dir(path_or_repo)
+        check_same_model(group, model_dir)
+        model = load_sharded(model_dir, group, dtype=dtype)
+        return cls(group, model, load_tokenizer(model_dir), model_dir)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return describe(self.model.shard_plan, self.rank)
+
+    # --- rank 0 ---------------------------------------------------------------------------
+    def stream_generate(self, prompt: str | Sequence[int] | mx.array, **options: Any) -> Iterator[GenerationResponse]:
+        """`generate.stream_generate` on every rank; the responses come out on rank 0."""
+        request = {"op": "generate", "prompt": _prompt_ids(self.tokenizer, prompt),
+                   "options": _seeded(_encode_options(options))}
+        return lead(self.group, request, self._handlers, _token_or_none)
+
+    def chat(self, **kwargs: Any) -> "DistributedChat":
+        """A `ChatSession` on every rank (same keyword arguments), driven from rank 0."""
+        sid = next(self._session_ids)
+        kwargs = _encode_options(kwargs)
+        for _ in lead(self.group, {"op": "chat.open", "id": sid, "kwargs": kwargs}, self._handlers):
+            pass
+        return DistributedChat(self, sid)
+
+    def close(self) -> None:
+        """Rank 0 at the end: the followers return from `follow`."""
+        if self.is_leader:
+            release_followers(self.group)
+
+    # --- ranks 1..N-1 ---------------------------------------------------------------------
+    def follow(self) -> int:
+        """Mirror rank 0's requests until it closes; returns an exit status."""
+        follow(self.group, self._handlers, _token_or_none)
+        return 0
+
+    # --- what every rank runs -------------------------------------------------------------
+    def _generate(self, request: dict[str, Any]) -> Iterator[GenerationResponse]:
+        return stream_generate(self.model, self.tokenizer, request["prompt"], **_decode_options(request["options"]))
+
+    def _chat_open(self, request: dict[str, Any]) -> Iterator[None]:
+        kwargs = _decode_options(request["kwargs"])
+        self._sessions[request["id"]] = ChatSession(self.model, self.tokenizer, **kwargs)
+        return iter(())
+
+    def _chat_stream(self, request: dict[str, Any]) -> Iterator[GenerationResponse]:
+        return self._sessions[request["id"]].stream(request["text"], **_decode_options(request["options"]))
+
+    def _chat_reset(self, request: dict[str, Any]) -> Iterator[None]:
+        self._sessions[request["id"]].reset(request["system"])
+        return iter(())
+
+
+def _token_or_none(item: Any) -> int | None:
+    return item.token if isinstance(item, GenerationResponse) else None
+
+
+class DistributedChat:
+    """Rank 0's handle on a chat session that every rank keeps: `stream`/`send`/`reset` run on every
+    rank; reading attributes (`messages`, `last`, `conversation()`, ...) uses rank 0's copy."""
+
+    def __init__(self, dm: DistributedModel, sid: int):
+        self._dm, self._sid = dm, sid
+
+    def stream(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
+        session_seed = self._dm._sessions[self._sid].options.get("seed")
+        request = {"op": "chat.stream", "id": self._sid, "text": text,
+                   "options": _seeded(_encode_options(options), session_seed)}
+        return lead(self._dm.group, request, self._dm._handlers, _token_or_none)
+
+    def send(self, text: str, **options: Any) -> Iterator[str]:
+        for response in self.stream(text, **options):
+            if response.text:
+                yield response.text
+
+    def reset(self, system: str | None = None) -> None:
+        for _ in lead(self._dm.group, {"op": "chat.reset", "id": self._sid, "system": system}, self._dm._handlers):
+            pass
+
+    def save(self, path: str | Path) -> None:
+        raise ValueError("saving a chat session is not supported with --distributed (each rank holds part of its "
+                         "KV cache)")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dm._sessions[self._sid], name)

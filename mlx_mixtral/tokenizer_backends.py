@@ -286,8 +286,13 @@ class TokenizersBackend:
         if self._raw is None:
             from tokenizers import Tokenizer as HFTokenizer
 
-            # The same model without added tokens, built on first use (only the Mistral chat formats need it).
-            self._raw = HFTokenizer.from_str(json.dumps({**self._json, "added_tokens": []}))
+            # Built on first use (only the Mistral chat formats need it): the model without the added
+            # tokens SentencePiece would not match in text. Special ones are its control pieces, never
+            # matched; non-special ones inside the model's vocabulary are its user-defined pieces, always
+            # matched; anything beyond it was added by a fine-tune and is unknown to SentencePiece.
+            base = len(self._json.get("model", {}).get("vocab", ()))
+            kept = [t for t in self._json.get("added_tokens", []) if not t.get("special") and t["id"] < base]
+            self._raw = HFTokenizer.from_str(json.dumps({**self._json, "added_tokens": kept}))
             # A non-legacy Metaspace leaves out the dummy prefix when text starts with a space, where
             # SentencePiece still adds one; detect that behaviour rather than parse every pipeline.
             probe = [self._raw.encode(t, add_special_tokens=False).ids for t in (" x", "x")]

@@ -44,7 +44,7 @@ CONVERSATIONS = [
     [S("sys"), U([{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}])],
     [U("x"), S("s at the end")],
 ]
-MISTRAL_KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy-json"]
+MISTRAL_KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy-json", "v1-nonlegacy-both", "v3-hubjson"]
 
 
 @lru_cache(maxsize=None)

@@ -10,7 +10,8 @@ from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
 from tiny_models import mistral_tokenizer_path
 from tokenizer_fixtures import BASE_VOCAB, CORPUS, hf_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
 
-KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy", "v1-nonlegacy-json"]
+KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy", "v1-nonlegacy-json", "v1-both", "v1-nonlegacy-both",
+         "v3-hubjson"]
 
 
 def _random_texts(seed: int, count: int) -> list[str]:
@@ -71,7 +72,7 @@ def test_sentencepiece_and_tokenizer_json_dirs_agree():
         assert sp_tok.vocab_size == json_tok.vocab_size == BASE_VOCAB[base[:2]] + 2
 
 
-@pytest.mark.parametrize("kind", ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy", "v1-nonlegacy-json"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_raw_encoding_is_sentencepiece(kind):
     """The Mistral chat formats encode message text as SentencePiece does, whatever the files."""
     import sentencepiece

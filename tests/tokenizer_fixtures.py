@@ -89,19 +89,36 @@ def hf_tokenizer(path: str):
 
 @lru_cache(maxsize=None)
 def tokenizer_dir(kind: str) -> Path:
-    """kind: "<version>[-nonlegacy][-json]", e.g. "v1", "v3-json", "v1-nonlegacy-json".
+    """kind: "<version>[-nonlegacy][-json|-both|-hubjson]", e.g. "v1", "v3-json", "v1-nonlegacy-both".
 
     "-json" directories hold only what transformers saves from the SentencePiece directory
-    (tokenizer.json + tokenizer_config.json), like mlx-community conversions.
+    (tokenizer.json + tokenizer_config.json), like mlx-community conversions; "-both" keep
+    tokenizer.model next to that tokenizer.json, like hub checkpoints; "-hubjson" rewrites the
+    tokenizer.json pipeline the way older converters wrote it for the hub's Mistral/Mixtral repos
+    (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer).
     """
     version, *flags = kind.split("-")
-    if "json" in flags:
-        source = tokenizer_dir("-".join([version, *(f for f in flags if f != "json")]))
+    layout = flags[-1] if flags and flags[-1] in ("json", "both", "hubjson") else None
+    if layout is not None:
+        source = tokenizer_dir("-".join([version, *flags[:-1]]))
         path = _root() / kind
         hf_tokenizer(str(source)).save_pretrained(path)
-        (path / "tokenizer.model").unlink(missing_ok=True)
-        for name in ("config.json", "generation_config.json"):
+        for name in ("config.json", "generation_config.json", "tokenizer.model"):
             shutil.copy(source / name, path / name)
+        if layout != "both":
+            (path / "tokenizer.model").unlink()
+        if layout == "hubjson":
+            spec = json.loads((path / "tokenizer.json").read_text())
+            spec["normalizer"] = {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+            spec["pre_tokenizer"] = None  # user-defined pieces ([REFERENCE_DOC_n]) become added tokens instead
+            pieces = spec["model"]["vocab"]
+            known = {t["id"] for t in spec["added_tokens"]}
+            spec["added_tokens"] += [
+                {"id": pieces[p], "content": p, **_added(p, special=False)} for p in pieces
+                if p.startswith("[REFERENCE_DOC_") and pieces[p] not in known]
+            spec["added_tokens"].sort(key=lambda t: t["id"])
+            (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
         return path
     legacy = "nonlegacy" not in flags
     return write_sp_dir(_root() / kind, version, tokenizer_config(version, legacy=legacy),

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,19 +134,27 @@ def _write_model(ctx: Context, out_dir: Path, entries: list[Entry], decisions: d
     writer = ShardWriter(out_dir, entries, max_bytes)
     groups = ctx.source.groups()
     # Freed buffers go back to the system at once instead of MLX's cache, so the peak stays
-    # at one module's worth of arrays.
+    # at about one module's worth of arrays.
     old_limit = mx.set_cache_limit(0)
+    # One writer thread: module i is written while module i+1 is computed (mx.eval releases the
+    # GIL). Waiting for the previous write before queueing the next bounds the backlog to one.
+    pending: Future | None = None
     try:
-        for i, (label, names) in enumerate(groups):
-            for _, out, _ in convert_group(ctx.source.load(names), ctx):
-                arrays = {n: mx.contiguous(a) for n, a in out.items()}
-                del out
-                mx.eval(list(arrays.values()))
-                for n, a in arrays.items():
-                    writer.write(n, a)
-                del arrays
-            if progress is not None:
-                progress(Progress(i + 1, len(groups), label, writer.bytes_written, writer.total_bytes))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for i, (label, names) in enumerate(groups):
+                for _, out, _ in convert_group(ctx.source.load(names), ctx):
+                    arrays = {n: mx.contiguous(a) for n, a in out.items()}
+                    del out
+                    mx.eval(list(arrays.values()))
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(_write_arrays, writer, arrays)
+                    del arrays
+                if progress is not None:
+                    pending.result()
+                    progress(Progress(i + 1, len(groups), label, writer.bytes_written, writer.total_bytes))
+            if pending is not None:
+                pending.result()
         writer.close(ctx.total_parameters)
     finally:
         writer.abort()
@@ -155,6 +164,11 @@ def _write_model(ctx: Context, out_dir: Path, entries: list[Entry], decisions: d
     for pattern in COPY_PATTERNS:
         for f in sorted(ctx.source.path.glob(pattern)):
             shutil.copyfile(f, out_dir / f.name)
+
+
+def _write_arrays(writer: ShardWriter, arrays: dict[str, mx.array]) -> None:
+    for name, array in arrays.items():
+        writer.write(name, array)
 
 
 def _output_config(ctx: Context, decisions: dict[str, dict | bool]) -> dict:

@@ -3,8 +3,11 @@
 import json
 import random
 import shutil
+from functools import lru_cache
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
 from tiny_models import mistral_tokenizer_path
@@ -167,3 +170,18 @@ def test_bad_files_errors(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer\.model: cannot load") as err:
         load_tokenizer(path)
     assert "\n" not in str(err.value)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+       | st.lists(st.sampled_from(["<s>", "</s>", "<|im_start|>", " ", "  ", "\n", "a", "▁", "é", "🦙", "[INST]"]),
+                  max_size=12).map("".join))
+def test_any_text_encodes_like_transformers(text):
+    for kind in ("v1", "v3-json", "v1-nonlegacy"):
+        path = tokenizer_dir(kind)
+        assert _loaded(path).encode(text) == hf_tokenizer(str(path)).encode(text), (kind, text)
+
+
+@lru_cache(maxsize=None)
+def _loaded(path):
+    return load_tokenizer(path)

@@ -74,11 +74,13 @@ def decode_pieces(table: PieceTable, ids: Sequence[int], skip_special: bool = Tr
 class PieceDetokenizer:
     """Exact incremental decoding for SentencePiece-family tokenizers (see the module docstring)."""
 
-    def __init__(self, table: PieceTable, *, skip_special: bool = True):
+    def __init__(self, table: PieceTable, *, skip_special: bool = True, continuation: bool = False):
         self._table = table
         self._skip_special = skip_special
-        self._run = bytearray()              # the byte pieces of the current, unfinished run
-        self._strip_left = table.strip_left  # dummy-prefix spaces still to remove from the very start
+        self._run = bytearray()  # the byte pieces of the current, unfinished run
+        # Dummy-prefix spaces still to remove from the very start; none when the text continues
+        # earlier text (a completion after its prompt), where "▁word" must keep its space.
+        self._strip_left = 0 if continuation else table.strip_left
 
     def add_token(self, token_id: int) -> str:
         table = self._table
@@ -121,11 +123,13 @@ class WindowDetokenizer:
     Text ending in U+FFFD is held back: it is usually an incomplete UTF-8 character.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str]):
+    def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int] = ()):
         self._decode = decode
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0    # tokens up to here have been emitted
+        # `context`: tokens already shown (e.g. the end of the prompt) that the window starts from,
+        # so that the first new token decodes as a continuation rather than as the start of a text.
+        self._ids: list[int] = [int(i) for i in context]
+        self._prefix = 0               # window start
+        self._read = len(self._ids)    # tokens up to here have been emitted
 
     def add_token(self, token_id: int) -> str:
         self._ids.append(int(token_id))

@@ -79,12 +79,18 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         return self._backend.special_ids
 
-    def detokenizer(self, skip_special: bool = True) -> StreamingDetokenizer:
-        """A fresh streaming decoder (one per generation): add_token(id) -> new text, finalize() -> rest."""
+    def detokenizer(self, skip_special: bool = True, continuation: bool = False) -> StreamingDetokenizer:
+        """A fresh streaming decoder (one per generation): add_token(id) -> new text, finalize() -> rest.
+
+        The chunks joined equal decode(ids). continuation=True decodes the tokens as the continuation
+        of earlier text (a completion appended to its prompt): the first word keeps its leading space,
+        which decode() drops at the start of a text.
+        """
         table = self._backend.piece_table()
         if table is not None:
-            return PieceDetokenizer(table, skip_special=skip_special)
-        return WindowDetokenizer(lambda ids: self._backend.decode(ids, skip_special))
+            return PieceDetokenizer(table, skip_special=skip_special, continuation=continuation)
+        context = self._backend.encode("a") if continuation else ()
+        return WindowDetokenizer(lambda ids: self._backend.decode(ids, skip_special), context=context)
 
     # --- chat -----------------------------------------------------------------------------------
 

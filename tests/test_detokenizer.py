@@ -156,3 +156,18 @@ def test_window_fallback_holds_incomplete_characters(pair):
     ids = ours.encode("llama 🦙🦙 and 𝄞 and 日本", bos=False)
     chunks = _stream(WindowDetokenizer(ours.decode), ids)
     assert "".join(chunks) == ours.decode(ids) and not any("\ufffd" in c for c in chunks)
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_continuation_keeps_the_first_space(pair, window_tokenizer, window):
+    """A completion streamed after its prompt: prompt text + chunks == decode(prompt + completion)."""
+    _, ours, _ = pair
+    if window:
+        ours = window_tokenizer[0]
+    prompt = ours.encode("The capital of France is", bos=False)
+    completion = ours.encode("The capital of France is Paris, 🦙 not Lyon", bos=False)[len(prompt):]
+    det = ours.detokenizer(continuation=True)
+    assert isinstance(det, WindowDetokenizer) == window
+    chunks = _stream(det, completion)
+    assert chunks[0] == " Paris"
+    assert ours.decode(prompt) + "".join(chunks) == ours.decode(prompt + completion)

@@ -60,14 +60,16 @@ def generate_step(prompt_ids: Sequence[int] | mx.array, model: Any, *, cache: li
             history = mx.concatenate([history, token.astype(history.dtype)])
         return token, logprobs[0]
 
-    # Prefill everything but the last chunk without computing logits; evaluating the caches'
-    # state runs just the layers. Chunks bound the attention scores' memory (L x L per head).
+    # Prefill everything but the last token without computing logits; evaluating the caches'
+    # state runs just the layers, so the output head (V x D per token) runs for one position
+    # only. Chunks bound the attention scores' memory (L x L per head).
     rest = prompt
-    while rest.size > prefill_chunk:
-        model(rest[:prefill_chunk][None], cache=cache)
+    while rest.size > 1:
+        n = min(prefill_chunk, rest.size - 1)
+        model(rest[:n][None], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
-        rest = rest[prefill_chunk:]
+        rest = rest[n:]
     if max_tokens == 0:
         return
 

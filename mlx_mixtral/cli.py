@@ -35,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx-mixtral: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    from .distributed import DistributedError
+
+    try:
+        return int(module.main(rest) or 0)
+    except DistributedError as e:  # --distributed: a rank failed or the ranks disagree; one line, no traceback
+        print(f"mlx-mixtral {command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

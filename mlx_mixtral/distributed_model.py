@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -108,7 +110,12 @@ class DistributedModel:
 
     # --- ranks 1..N-1 ---------------------------------------------------------------------
     def follow(self) -> int:
-        """Mirror rank 0's requests until it closes; returns an exit status."""
+        """Mirror rank 0's requests until it closes; returns an exit status.
+
+        Under mlx.launch a Ctrl-C reaches every rank on the terminal's machine; only rank 0 acts on
+        it (a chat stops the answer and tells the others), so followers ignore SIGINT."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         follow(self.group, self._handlers, _token_or_none)
         return 0
 

@@ -27,6 +27,7 @@ from .chat import ChatSession
 from .distributed import check_same_model, follow, init_group, lead, release_followers
 from .generate import GenerationResponse, _prompt_ids, stream_generate
 from .loader import resolve_model_dir
+from .prefix_cache import PrefixCache
 from .shard_loader import load_sharded
 from .sharding import describe
 
@@ -67,8 +68,11 @@ class DistributedModel:
         self.rank = group.rank()
         self._sessions: dict[int, ChatSession] = {}
         self._session_ids = itertools.count()
+        self._prefix_caches: dict[int, PrefixCache] = {}
+        self.cached_tokens = 0  # prompt tokens the latest `DistributedPrefixCache.stream` found cached
         self._handlers = {"generate": self._generate, "chat.open": self._chat_open,
-                          "chat.stream": self._chat_stream, "chat.reset": self._chat_reset}
+                          "chat.stream": self._chat_stream, "chat.reset": self._chat_reset,
+                          "prefix.open": self._prefix_open, "prefix.stream": self._prefix_stream}
 
     @classmethod
     def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> "DistributedModel":
@@ -103,6 +107,14 @@ class DistributedModel:
             pass
         return DistributedChat(self, sid)
 
+    def prefix_cache(self, capacity: int, max_kv_size: int | None = None) -> "DistributedPrefixCache":
+        """A server's `PrefixCache` on every rank (each holds its own heads' keys and values)."""
+        sid = next(self._session_ids)
+        request = {"op": "prefix.open", "id": sid, "capacity": capacity, "max_kv_size": max_kv_size}
+        for _ in lead(self.group, request, self._handlers):
+            pass
+        return DistributedPrefixCache(self, sid)
+
     def close(self) -> None:
         """Rank 0 at the end: the followers return from `follow`."""
         if self.is_leader:
@@ -134,6 +146,29 @@ class DistributedModel:
     def _chat_reset(self, request: dict[str, Any]) -> Iterator[None]:
         self._sessions[request["id"]].reset(request["system"])
         return iter(())
+
+
+    def _prefix_open(self, request: dict[str, Any]) -> Iterator[None]:
+        max_kv_size = request["max_kv_size"]
+        self._prefix_caches[request["id"]] = PrefixCache(lambda: self.model.make_cache(max_kv_size),
+                                                         request["capacity"])
+        return iter(())
+
+    def _prefix_stream(self, request: dict[str, Any]) -> Iterator[GenerationResponse]:
+        """Take the best cached prefix, generate the rest, put the cache back (not after a failure),
+        exactly as the server's single-process worker does; every rank makes the same choices."""
+        prefix_cache, ids = self._prefix_caches[request["id"]], request["ids"]
+        cache, self.cached_tokens = prefix_cache.take(ids)
+        fed = list(ids)
+        try:
+            for response in stream_generate(self.model, self.tokenizer, ids[self.cached_tokens:], cache=cache,
+                                            **_decode_options(request["options"])):
+                fed.append(response.token)
+                yield response
+        except GeneratorExit:  # stopped early (client gone): what went through the cache is still valid
+            prefix_cache.put(cache, fed)
+            raise
+        prefix_cache.put(cache, fed)  # a failure skips this, as in the server's worker
 
 
 def _token_or_none(item: Any) -> int | None:
@@ -168,3 +203,20 @@ class DistributedChat:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dm._sessions[self._sid], name)
+
+
+class DistributedPrefixCache:
+    """Rank 0's handle on a server prefix cache that every rank keeps (see `DistributedModel.prefix_cache`)."""
+
+    def __init__(self, dm: DistributedModel, sid: int):
+        self._dm, self._sid = dm, sid
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the latest `stream` found in the cache (known once it yielded once)."""
+        return self._dm.cached_tokens
+
+    def stream(self, ids: Sequence[int], **options: Any) -> Iterator[GenerationResponse]:
+        request = {"op": "prefix.stream", "id": self._sid, "ids": [int(t) for t in ids],
+                   "options": _seeded(_encode_options(options))}
+        return lead(self._dm.group, request, self._dm._handlers, _token_or_none)

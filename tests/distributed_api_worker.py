@@ -3,8 +3,8 @@
     python distributed_api_worker.py OUT_DIR MODEL_DIR
 
 Rank 0 streams a seeded sampled completion, an unseeded one (rank 0 picks the seed for every rank),
-and a chat of three turns (the second stopped early by its consumer), then writes what it got to
-OUT_DIR/api.json; the other ranks follow.
+a chat of three turns (the second stopped early by its consumer) and server-style requests through
+a prefix cache, then writes what it got to OUT_DIR/api.json; the other ranks follow.
 """
 
 from __future__ import annotations
@@ -29,6 +29,23 @@ def run_chat(chat) -> dict:
     return {"turn1": turn1, "turn3": turn3, "messages": chat.messages}
 
 
+SERVED = [[1, 415, 2936, 9060], [1, 415, 2936, 9060, 285, 1014], [1, 415, 5565]]
+
+
+def run_served(prefix_cache) -> list[dict]:
+    """Requests as a server sends them: the second continues the first, the third shares a prefix;
+    the first is stopped early by its (gone) client."""
+    out = []
+    for i, ids in enumerate(SERVED):
+        tokens = []
+        for r in prefix_cache.stream(ids, max_tokens=4):
+            tokens.append(r.token)
+            if i == 0 and len(tokens) == 2:
+                break
+        out.append({"tokens": tokens, "cached": prefix_cache.cached_tokens})
+    return out
+
+
 def main() -> int:
     out, model_dir = sys.argv[1:3]
     dm = DistributedModel.start(model_dir)
@@ -40,6 +57,7 @@ def main() -> int:
                                                           top_k=20, seed=11)],
         "unseeded": [r.token for r in dm.stream_generate("Hello", max_tokens=6, temperature=1.0)],
         "chat": run_chat(dm.chat(temperature=0.0)),
+        "served": run_served(dm.prefix_cache(2)),
     }
     dm.close()
     (Path(out) / "api.json").write_text(json.dumps(result))

@@ -196,8 +196,9 @@ def test_ranks_that_generate_different_tokens_stop_with_a_clear_message(tiny_hf_
 
 
 def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
-    """The library behind `--distributed`: sampled generation (seeded, and seeded by rank 0) and a
-    chat whose second turn is cut short give what one process gives."""
+    """The library behind `--distributed`: sampled generation (seeded, and seeded by rank 0), a chat
+    whose second turn is cut short, and server requests through a prefix cache give what one
+    process gives."""
     from distributed_api_worker import run_chat
     from mlx_mixtral.chat import ChatSession
     from mlx_mixtral.generate import stream_generate
@@ -217,3 +218,25 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     assert got["sampled"] == [r.token for r in sampled]
     assert len(got["unseeded"]) == 6
     assert got["chat"] == json.loads(json.dumps(run_chat(ChatSession(model, tokenizer, temperature=0.0))))
+    assert got["served"] == _served_by_one_process(model, tokenizer)
+    assert [r["cached"] for r in got["served"]] == [0, 4, 2]  # the stopped request's cache was kept
+
+
+def _served_by_one_process(model, tokenizer) -> list[dict]:
+    """What the server's single-process worker does: take, generate, put back (also when stopped)."""
+    from distributed_api_worker import SERVED
+    from mlx_mixtral.generate import stream_generate
+    from mlx_mixtral.prefix_cache import PrefixCache
+
+    prefix_cache, out = PrefixCache(model.make_cache, 2), []
+    for i, ids in enumerate(SERVED):
+        cache, kept = prefix_cache.take(ids)
+        fed, tokens = list(ids), []
+        for r in stream_generate(model, tokenizer, ids[kept:], cache=cache, max_tokens=4):
+            fed.append(r.token)
+            tokens.append(r.token)
+            if i == 0 and len(tokens) == 2:
+                break
+        prefix_cache.put(cache, fed)
+        out.append({"tokens": tokens, "cached": kept})
+    return out

@@ -1,0 +1,171 @@
+"""`mlx-mixtral chat`: a streaming chat in the terminal.
+
+Answers go to stdout; the prompt, notices and statistics go to stderr. Ctrl-C during an answer
+stops that answer (the part already written stays in the conversation); at the prompt it only
+reminds how to leave. Commands: /reset, /system [TEXT], /save FILE, /load FILE, /help, /quit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+from .generate_cli import add_sampling_args, format_stats, generation_options, load_for_cli
+
+HELP = """commands:
+  /reset         forget the conversation
+  /system TEXT   start over with this system prompt (/system alone shows the current one)
+  /save FILE     save the conversation and its KV cache
+  /load FILE     continue a saved conversation
+  /help          this list
+  /quit          leave (Ctrl-D does too)
+Ctrl-C stops the current answer."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-mixtral chat", description=__doc__.splitlines()[0])
+    add_sampling_args(p, max_tokens=1024)
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="keep only the newest N tokens (sliding window) instead of stopping at the context limit")
+    p.add_argument("--stats", action="store_true", help="print speed and memory after each answer (stderr)")
+    return p
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Repl:
+    def __init__(self, args: argparse.Namespace, model: Any, tokenizer: Any, dm: Any, options: dict[str, Any]):
+        self.args, self.model, self.tokenizer, self.dm = args, model, tokenizer, dm
+        session_args = dict(system=args.system, max_kv_size=args.max_kv_size, chat_template=args.chat_template)
+        if dm is not None:
+            self.session = dm.chat(**session_args, **options)
+        else:
+            from .chat import ChatSession
+
+            self.session = ChatSession(model, tokenizer, **session_args, **options)
+        self.options = options
+        self.interrupted = threading.Event()
+
+    def run(self) -> int:
+        _say(f"Chatting with {self.args.model}. /help for commands, Ctrl-C stops an answer, /quit leaves.")
+        while True:
+            try:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+                line = input()
+            except EOFError:
+                _say("")
+                return 0
+            except KeyboardInterrupt:
+                _say("\n(/quit or Ctrl-D to leave)")
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if self.command(text) == "quit":
+                    return 0
+                continue
+            self.answer(line)
+
+    def command(self, text: str) -> str | None:
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return "quit"
+        if name == "/help":
+            _say(HELP)
+        elif name == "/reset":
+            self.session.reset()
+            _say("(conversation cleared)")
+        elif name == "/system":
+            if not arg:
+                _say(f"(system prompt: {self.session.system!r})")
+            else:
+                self.session.reset(system=arg)
+                _say("(new system prompt; conversation cleared)")
+        elif name in ("/save", "/load"):
+            if not arg:
+                _say(f"usage: {name} FILE")
+            else:
+                self._save_or_load(name, arg)
+        else:
+            _say(f"unknown command {name}; /help lists them")
+        return None
+
+    def _save_or_load(self, name: str, path: str) -> None:
+        try:
+            if name == "/save":
+                self.session.save(path)
+                _say(f"(saved {len(self.session.messages)} messages to {path})")
+            elif self.dm is not None:
+                _say("/load is not supported with --distributed (each rank holds part of the KV cache)")
+            else:
+                from .chat import ChatSession
+
+                self.session = ChatSession.load(path, self.model, self.tokenizer,
+                                                chat_template=self.args.chat_template, **self.options)
+                _say(f"(loaded {len(self.session.messages)} messages from {path})")
+        except (ValueError, OSError) as e:
+            _say(f"{name}: {' '.join(str(e).split())}")
+
+    def answer(self, text: str) -> None:
+        """Stream one answer; SIGINT only raises a flag here, so the stream is closed between
+        tokens and the session stays consistent."""
+        self.interrupted.clear()
+        previous = signal.signal(signal.SIGINT, lambda *_: self.interrupted.set())
+        last = None
+        try:
+            stream = self.session.stream(text)
+            for last in stream:
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+                if self.interrupted.is_set():
+                    break
+            stream.close()
+        except ValueError as e:  # ContextLimitError and the like: the turn did not happen
+            _say(f"\n{' '.join(str(e).split())}")
+            return
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if self.interrupted.is_set():
+            _say("(stopped)")
+        elif last is not None and last.finish_reason == "length":
+            _say("(answer cut at the token limit)")
+        if self.args.stats and last is not None:
+            _say(format_stats(last))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    prog = "mlx-mixtral chat"
+    try:
+        options = generation_options(args)
+        if args.max_kv_size is not None and args.max_kv_size < 1:
+            raise ValueError(f"--max-kv-size must be >= 1, got {args.max_kv_size}")
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    model, tokenizer, dm = load_for_cli(args, prog)
+    if dm is not None and not dm.is_leader:
+        return dm.follow()
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    try:
+        return Repl(args, model, tokenizer, dm, options).run()
+    finally:
+        if dm is not None:
+            dm.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

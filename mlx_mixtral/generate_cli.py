@@ -1,0 +1,125 @@
+"""`mlx-mixtral generate`: complete one prompt.
+
+stdout carries only the completion (streamed); prompt and generation speed and peak memory go
+to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """Options shared by `generate` and `chat`."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="MLX or Hugging Face model directory, or a hub id")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the best one's probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL repetition penalty (e.g. 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (not printed); repeat for several")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat-template", default=None,
+                   help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer)")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the model over the processes of `mlx.launch`; rank 0 talks, the others follow")
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """stream_generate keyword options from the parsed arguments, checked before any loading."""
+    from .sampling import make_sampler
+
+    make_sampler(args.temp, args.top_p, args.top_k, args.min_p)  # raises ValueError naming the bad option
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def load_for_cli(args: argparse.Namespace, prog: str):
+    """(model, tokenizer, distributed handle or None); a loading problem exits with one line."""
+    from .loader import LoadError, load
+
+    try:
+        if args.distributed:
+            from .distributed_model import DistributedModel
+
+            dm = DistributedModel.start(args.model)
+            return dm.model, dm.tokenizer, dm
+        model, tokenizer = load(args.model)
+        return model, tokenizer, None
+    except (LoadError, ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def format_stats(r: Any) -> str:
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
+            f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.3f} GB")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-mixtral generate", description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
+    add_sampling_args(p, max_tokens=256)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    prog = "mlx-mixtral generate"
+    try:
+        options = generation_options(args)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer, dm = load_for_cli(args, prog)
+    if dm is not None and not dm.is_leader:
+        return dm.follow()
+    try:
+        if args.chat or args.system is not None:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt: Any = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt_text}],
+                                                        template=args.chat_template)
+        else:
+            prompt = prompt_text
+        if dm is not None:
+            stream = dm.stream_generate(prompt, **options)
+        else:
+            from .generate import stream_generate
+
+            stream = stream_generate(model, tokenizer, prompt, **options)
+        last = None
+        for last in stream:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except ValueError as e:  # a prompt or template the model cannot take
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    finally:
+        if dm is not None:
+            dm.close()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    if last is not None and not args.quiet:
+        print(format_stats(last), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

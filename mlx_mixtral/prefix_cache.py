@@ -1,0 +1,91 @@
+"""A small LRU of KV caches keyed by the token ids they hold, for a server whose clients resend the
+whole conversation every turn.
+
+A request finds the entry sharing the longest token prefix with its prompt and prefills only the
+rest. When the prompt continues everything the entry holds (the next turn of that conversation) the
+entry is taken out and used in place; when the entry holds more than the shared prefix (a regenerated
+answer, another conversation with the same system prompt) the request gets a copy of the shared
+prefix and the entry stays for its own conversation. When the generation ends its cache goes back
+in, now holding the prompt plus the answer. An entry in use is out of the LRU (a generation updates
+its cache in place), so one cache never serves two requests; only the worker thread touches this.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+from .cache import Cache, KVCache
+from .chat import common_prefix_length, reuse_cache
+
+
+def held_ids(cache: list[Cache], fed: list[int]) -> list[int] | None:
+    """The ids `cache` holds after `fed` (prompt + generated ids) went through it: a prefix of `fed`,
+    since the decode loop may or may not have fed the last token. None when layers disagree (a forward
+    pass interrupted halfway), i.e. the cache is unusable."""
+    offsets = {layer.offset for layer in cache}
+    if len(offsets) != 1:
+        return None
+    offset = offsets.pop()
+    return fed[:offset] if offset <= len(fed) else None
+
+
+class PrefixCache:
+    def __init__(self, make_cache: Callable[[], list[Cache]], capacity: int = 4):
+        if capacity < 0:
+            raise ValueError(f"prompt cache capacity must be >= 0, got {capacity}")
+        self.make_cache = make_cache
+        self.capacity = capacity
+        self._entries: OrderedDict[int, tuple[list[int], list[Cache]]] = OrderedDict()  # oldest first
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, ids: list[int]) -> tuple[list[Cache], int]:
+        """A cache for a prompt of `ids` and how many leading ids it already holds (< len(ids)).
+        The caller owns the cache until it `put`s it back."""
+        best, best_len = None, 0
+        for key, (held, _) in self._entries.items():
+            n = common_prefix_length(held, ids)
+            if n > best_len:
+                best, best_len = key, n
+        keep = min(best_len, len(ids) - 1)  # at least the last prompt token is computed: it starts the answer
+        if best is None or keep == 0:
+            return self.make_cache(), 0
+        held, cache = self._entries[best]
+        if keep < len(held):
+            copy = _prefix_copy(cache, keep)
+            if copy is not None:
+                self._entries.move_to_end(best)
+                return copy, keep
+        del self._entries[best]
+        kept = reuse_cache(cache, held, ids)
+        if kept < 0:  # a sliding-window cache that already dropped what the shorter prefix needs
+            return self.make_cache(), 0
+        return cache, kept
+
+    def put(self, cache: list[Cache], fed: list[int]) -> None:
+        """Keep `cache` after `fed` went through it, evicting the least recently used entries."""
+        held = held_ids(cache, fed)
+        if not held or self.capacity == 0:
+            return
+        # An entry holding a prefix of this one is superseded: this cache serves its requests too.
+        for key in [k for k, (ids, _) in self._entries.items() if ids == held[: len(ids)]]:
+            del self._entries[key]
+        self._entries[self._next_key] = (held, cache)
+        self._next_key += 1
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+def _prefix_copy(cache: list[Cache], n: int) -> list[Cache] | None:
+    """New caches holding the first n positions of `cache` (None for a sliding-window cache, whose
+    buffer is not in time order and may have dropped the start)."""
+    if not all(isinstance(layer, KVCache) for layer in cache):
+        return None
+    copies: list[Cache] = []
+    for layer in cache:
+        keys, values = layer.state  # (B, Hkv, S, Dh)
+        copies.append(KVCache.from_state(keys[..., :n, :], values[..., :n, :], {"offset": str(n)}))
+    return copies

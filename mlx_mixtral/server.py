@@ -1,0 +1,109 @@
+"""`mlx-mixtral serve`: an OpenAI-compatible HTTP server and a browser chat page for one local model.
+
+    mlx-mixtral serve --model M [--host 127.0.0.1] [--port 8080] [--api-key K] [--cors-origin URL ...]
+
+The app is in server_app.py, the OpenAI shapes in server_openai.py/server_schema.py, the generation
+worker in server_worker.py and the prefix cache in prefix_cache.py. With --port 0 the system picks
+a free port; the address is printed to stderr once the server listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from .server_app import LOOPBACK_HOSTS, Settings, create_app
+
+API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mlx-mixtral serve", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, or a hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the model")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from this origin (repeatable; '*' for any); CORS is off otherwise")
+    p.add_argument("--served-model-name", help="the model id clients see (default: --model as given)")
+    p.add_argument("--max-tokens-cap", type=_positive, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=_positive, default=1_000_000, help="largest request body")
+    p.add_argument("--max-messages", type=_positive, default=256, help="most messages in one chat request")
+    p.add_argument("--max-kv-size", type=_positive, default=None,
+                   help="keep only the newest N tokens' keys/values (sliding window; no context limit)")
+    p.add_argument("--prompt-cache-size", type=int, default=4,
+                   help="conversations whose KV cache is kept for reuse (0: none)")
+    p.add_argument("--chat-template", default=None, help="mistral-v1, mistral-v3, jinja or Jinja source "
+                                                         "(default: chosen from the tokenizer)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+    if args.prompt_cache_size < 0:
+        p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be in [0, 65535], got {args.port}")
+    return args
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import uvicorn
+
+    from .loader import load
+
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        print(f"mlx-mixtral serve: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
+        return 1
+    print(f"loading {args.model} ...", file=sys.stderr)
+    try:
+        model, tokenizer = load(args.model)
+    except (ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
+        print(f"mlx-mixtral serve: {e}", file=sys.stderr)
+        return 1
+    settings = Settings(
+        model_id=args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors_origin,
+        max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
+        max_messages=args.max_messages, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size,
+        chat_template=args.chat_template,
+        # On loopback, a Host check keeps web pages from reaching the server through DNS rebinding.
+        allowed_hosts=LOOPBACK_HOSTS if _is_loopback(args.host) else None)
+    app = create_app(model, tokenizer, settings)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {settings.model_id} at http://{shown}:{port}/ (chat page), "
+          f"API at http://{shown}:{port}/v1", file=sys.stderr, flush=True)
+    if not _is_loopback(args.host) and args.api_key is None:
+        print("warning: listening beyond this machine without --api-key", file=sys.stderr)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,374 @@
+"""The OpenAI-compatible HTTP app: routes, request guards and error objects.
+
+    GET  /                      the browser chat page (mlx_mixtral/static/)
+    GET  /health                liveness and worker statistics
+    GET  /v1/models[/{id}]      the one served model
+    POST /v1/chat/completions   chat, streamed (server-sent events) or not
+    POST /v1/completions        legacy text completion, streamed or not
+    GET  /openapi.json          the OpenAPI document of the above
+
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx status for
+anything the request did wrong; tracebacks never reach the client. Nothing a request says reaches
+the filesystem: the model is fixed when the server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .generate import GenerationResponse
+from .prefix_cache import PrefixCache
+from .sampling import validate_token_ids
+from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, Reply, generation_options, sse
+from .server_schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
+                            CompletionRequest, ErrorResponse, Health, ModelCard, ModelList)
+from .server_worker import Finished, Job, Worker
+
+log = logging.getLogger("mlx_mixtral.server")
+STATIC_DIR = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# The page loads nothing from elsewhere (it works offline) and talks only to this server.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API key", 404: "unknown model",
+                  413: "request body too large", 500: "server fault"}
+
+
+@dataclass
+class Settings:
+    model_id: str
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_tokens_cap: int = 4096
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_kv_size: int | None = None
+    prompt_cache_size: int = 4
+    chat_template: str | None = None
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # None: any Host header
+
+
+def _error(status: int, message: str, **kwargs: Any) -> JSONResponse:
+    return JSONResponse(APIError(status, message, **kwargs).body(), status_code=status)
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):  # [::1]:8080
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Guard:
+    """ASGI middleware run before routing: Host check (a page on another site cannot reach a
+    loopback server through DNS rebinding), API key, and the body-size cap (the body is read here,
+    at most max_body_bytes of it, and replayed to the app)."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers, s = Headers(scope=scope), self.settings
+        if s.allowed_hosts is not None and _host_name(headers.get("host", "")) not in s.allowed_hosts:
+            return await _error(400, f"Host header {headers.get('host', '')!r} is not one this server answers to",
+                                code="invalid_host")(scope, receive, send)
+        if s.api_key is not None and scope["path"].startswith("/v1/") and not _authorized(headers, s.api_key):
+            response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = _error(413, f"request body is larger than this server's limit of {s.max_body_bytes} bytes",
+                         code="request_too_large")
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > s.max_body_bytes):
+            return await too_big(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > s.max_body_bytes:
+                return await too_big(scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # then the real stream, so a disconnect is still seen
+
+        await self.app(scope, replay, send)
+
+
+def _authorized(headers: Headers, key: str) -> bool:
+    scheme, _, given = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+# pydantic names the member of a union that failed ('str', 'list[int]') in an error's location.
+_UNION_TAG = re.compile(r"(str|int|float|bool|list|dict)(\[.*\])?|.*[\[(].*")
+
+
+def _param(loc: tuple) -> str | None:
+    """('body', 'prompt', 'list[int]', 0) -> 'prompt[0]': the field, as OpenAI's `param` names it."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _UNION_TAG.fullmatch(part):
+            out += f".{part}" if out else part
+    return out or None
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose job is cancelled however the response ends: finished, failed, or
+    cut short because the client disconnected (Starlette then cancels the streaming task)."""
+
+    def __init__(self, job: Job, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+async def _responses(job: Job, request: Request | None) -> AsyncIterator[GenerationResponse]:
+    """The job's generation responses until it finishes. With `request` (non-streaming), a client
+    that disconnects is noticed within ~0.25 s while waiting; streams rely on EventStream."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
+            if isinstance(event, Finished):
+                if event.error is not None:
+                    raise APIError(500, "generation failed; see the server log", type="server_error")
+                return
+            yield event
+    finally:
+        job.cancel()
+
+
+def create_app(model: Any, tokenizer: Any, settings: Settings) -> FastAPI:
+    """The app for one loaded model; its generation worker starts now and stops with the app."""
+    make_cache = (lambda: model.make_cache(settings.max_kv_size))
+    worker = Worker(model, tokenizer, PrefixCache(make_cache, settings.prompt_cache_size))
+    # A sliding-window cache never runs out of room; an unbounded one ends at the model's context.
+    context = None if settings.max_kv_size is not None else model.args.max_position_embeddings
+    limits = Limits(settings.max_tokens_cap, context, model.args.vocab_size)
+    started = int(time.time())
+    errors = {code: {"model": ErrorResponse, "description": why} for code, why in ERROR_STATUSES.items()}
+
+    app = FastAPI(title="mlx-mixtral", version="0.1.0", docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible API for one local model.", responses=errors)
+    app.state.worker = worker
+    app.router.add_event_handler("shutdown", worker.stop)
+    app.add_middleware(Guard, settings=settings)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
+        param = _param(tuple(first.get("loc", ())))
+        return _error(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), code=None)
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal server error; see the server log", type="server_error")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_id!r}",
+                           param="model", code="model_not_found")
+
+    def card() -> dict[str, Any]:
+        return {"id": settings.model_id, "object": "model", "created": started, "owned_by": "mlx-mixtral"}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/health", response_model=Health)
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_id, "busy": worker.busy, "queued": worker.queued,
+                **worker.stats, "prompt_cache_entries": len(worker.prompt_cache)}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model_card(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return card()
+
+    def stream_doc(chunk: str) -> dict:
+        return {200: {"content": {"text/event-stream": {"schema": _event_schema(chunk)}},
+                      "description": f"JSON, or server-sent events of {chunk} when `stream` is true"}}
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=stream_doc("ChatCompletionChunk"))
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        if len(req.messages) > settings.max_messages:
+            raise APIError(400, f"messages has {len(req.messages)} entries; this server allows at most "
+                                f"{settings.max_messages}", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = await run_in_threadpool(tokenizer.apply_chat_template, messages, True, settings.chat_template)
+        except ValueError as e:  # the chat format refused the conversation (order of roles, ...)
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        options = generation_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits,
+                                     logprobs=0 if top is None else max(top, 1))
+        job = Job(ids, options, asyncio.get_running_loop())
+        worker.submit(job)
+        answer = ChatAnswer(Reply("chat.completion", settings.model_id), tokenizer, len(ids), top)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return EventStream(job, _chat_events(job, answer, include_usage))
+        async for r in _responses(job, request):
+            answer.add(r)
+        return answer.response(job.cached_tokens)
+
+    @app.post("/v1/completions", response_model=Completion, responses=stream_doc("Completion"))
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        if req.echo or req.suffix is not None:
+            raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+        ids = await run_in_threadpool(_prompt_ids, tokenizer, req.prompt, model.args.vocab_size)
+        options = generation_options(req, len(ids), req.max_tokens, limits, logprobs=0 if req.logprobs is None
+                                     else max(req.logprobs, 1))
+        job = Job(ids, options, asyncio.get_running_loop())
+        worker.submit(job)
+        answer = CompletionAnswer(Reply("text_completion", settings.model_id), tokenizer, len(ids), req.logprobs)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return EventStream(job, _completion_events(job, answer, include_usage))
+        async for r in _responses(job, request):
+            answer.add(r)
+        return answer.response(job.cached_tokens)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            # The streamed chunk is documented only inside the event-stream schema; add its definition.
+            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}",
+                                                          mode="serialization")
+            schemas = doc["components"]["schemas"]
+            for name, definition in chunk.pop("$defs", {}).items():
+                schemas.setdefault(name, definition)
+            schemas["ChatCompletionChunk"] = chunk
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+def _event_schema(chunk: str) -> dict[str, Any]:
+    """One server-sent event: `data` is a JSON chunk (or an error object), and the last is [DONE]."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                                             {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+
+
+def _prompt_ids(tokenizer: Any, prompt: Any, vocab_size: int) -> list[int]:
+    """Token ids of a completions prompt: text (encoded with BOS) or ids; a list holds one prompt."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise APIError(400, f"prompt holds {len(prompt)} prompts; this server takes one per request",
+                           param="prompt")
+        prompt = prompt[0]
+    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise APIError(400, "prompt is empty", param="prompt")
+    try:
+        validate_token_ids(ids, vocab_size, "prompt")
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
+    return ids
+
+
+def _stream_error(e: APIError) -> str:
+    return sse(e.body())
+
+
+async def _chat_events(job: Job, answer: ChatAnswer, include_usage: bool) -> AsyncIterator[str]:
+    # OpenAI's order: a chunk with the role, content chunks, one with the finish reason, usage, [DONE].
+    yield answer.chunk({"role": "assistant", "content": ""})
+    try:
+        async for r in _responses(job, None):
+            logprob = answer.add(r)
+            if r.text or logprob is not None:
+                yield answer.chunk({"content": r.text}, logprob)
+            if r.finish_reason is not None:
+                yield answer.chunk({}, finish_reason=r.finish_reason)
+    except APIError as e:
+        yield _stream_error(e)
+    else:
+        if include_usage:
+            yield answer.usage_chunk(job.cached_tokens)
+    yield sse("[DONE]")
+
+
+async def _completion_events(job: Job, answer: CompletionAnswer, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for r in _responses(job, None):
+            logprobs = answer.add(r)
+            if r.text or logprobs is not None or r.finish_reason is not None:
+                yield answer.chunk(r.text, logprobs, r.finish_reason)
+    except APIError as e:
+        yield _stream_error(e)
+    else:
+        if include_usage:
+            yield answer.usage_chunk(job.cached_tokens)
+    yield sse("[DONE]")

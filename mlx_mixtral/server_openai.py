@@ -1,0 +1,216 @@
+"""OpenAI request -> generation options, and generation responses -> OpenAI response objects.
+
+Pure translation, no I/O: the app (server_app.py) validates and queues, the worker generates, and
+the functions here turn one into the other. Shapes follow OpenAI's API reference: chat completions
+(`chat.completion`, `chat.completion.chunk`), legacy completions (`text_completion`) and usage with
+`prompt_tokens_details.cached_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .generate import GenerationResponse
+from .sampling import make_sampler
+from .server_schema import MAX_STOP, _Sampling
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+SENTENCEPIECE_SPACE = "\u2581"
+
+
+class APIError(Exception):
+    """An error the client caused (or a server fault), answered as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    max_tokens_cap: int
+    context_length: int | None  # None: unbounded (a sliding-window cache, or unknown)
+    vocab_size: int
+
+
+def generation_options(req: _Sampling, prompt_len: int, max_tokens: int | None, limits: Limits,
+                       logprobs: int) -> dict[str, Any]:
+    """stream_generate's keyword options for a request whose prompt is `prompt_len` tokens."""
+    if max_tokens is not None and max_tokens > limits.max_tokens_cap:
+        raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of {limits.max_tokens_cap}",
+                       param="max_tokens", code="invalid_value")
+    limit = limits.max_tokens_cap if max_tokens is None else max_tokens
+    if limits.context_length is not None:
+        room = limits.context_length - prompt_len
+        if room < 1:
+            raise APIError(400, f"the prompt is {prompt_len} tokens and the model's context is "
+                                f"{limits.context_length} tokens; shorten the messages",
+                           param="messages", code="context_length_exceeded")
+        limit = min(limit, room)  # answers end with finish_reason "length" where the context does
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"stop has {len(stop)} sequences; at most {MAX_STOP} are allowed", param="stop")
+    options = dict(max_tokens=limit, temperature=1.0 if req.temperature is None else req.temperature,
+                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+                   repetition_penalty=req.repetition_penalty, stop=stop, logprobs=logprobs,
+                   seed=None if req.seed is None else req.seed % 2**64,
+                   logit_bias=_logit_bias(req.logit_bias, limits.vocab_size))
+    try:  # the sampler's own checks, here so that a bad value is a 400 before anything is queued
+        make_sampler(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return options
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not re.fullmatch(r"\d{1,9}", key) or int(key) >= vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias value {value} for token {key} is outside [-100, 100]",
+                           param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI's logprobs show it: its text and UTF-8 bytes. SentencePiece byte-fallback
+    pieces (<0x0A>) are single bytes, and the word-boundary mark is a space."""
+    piece = tokenizer.id_to_token(token) or ""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    if byte:
+        raw = bytes([int(byte.group(1), 16)])
+        return raw.decode("utf-8", errors="replace"), list(raw)
+    text = piece.replace(SENTENCEPIECE_SPACE, " ")
+    return text, list(text.encode("utf-8"))
+
+
+def chat_logprob(tokenizer: Any, r: GenerationResponse, top: int) -> dict[str, Any]:
+    text, raw = token_text(tokenizer, r.token)
+    alternatives = []
+    for token, logprob in (r.top_logprobs or [])[:top]:
+        alt_text, alt_raw = token_text(tokenizer, token)
+        alternatives.append({"token": alt_text, "logprob": logprob, "bytes": alt_raw})
+    return {"token": text, "logprob": r.logprob, "bytes": raw, "top_logprobs": alternatives}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event (https://html.spec.whatwg.org/multipage/server-sent-events.html)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class Reply:
+    """What one request's response carries besides the generated text."""
+
+    kind: str  # "chat.completion" or "text_completion"
+    model: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def head(self, object_name: str) -> dict[str, Any]:
+        prefix = "chatcmpl-" if self.kind == "chat.completion" else "cmpl-"
+        return {"id": prefix + self.id, "object": object_name, "created": self.created, "model": self.model}
+
+
+class ChatAnswer:
+    """Accumulates a chat answer; gives the whole response or the streamed chunks."""
+
+    def __init__(self, reply: Reply, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+        self.reply, self.tokenizer, self.prompt_tokens = reply, tokenizer, prompt_tokens
+        self.top = top_logprobs  # None: no logprobs asked for
+        self.text: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
+        self.last: GenerationResponse | None = None
+
+    def add(self, r: GenerationResponse) -> dict[str, Any] | None:
+        """Record one response; return its logprobs entry (if asked for)."""
+        self.text.append(r.text)
+        self.last = r
+        if self.top is None:
+            return None
+        entry = chat_logprob(self.tokenizer, r, self.top)
+        self.logprobs.append(entry)
+        return entry
+
+    def usage(self, cached_tokens: int) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.last.generation_tokens if self.last else 0, cached_tokens)
+
+    def response(self, cached_tokens: int) -> dict[str, Any]:
+        logprobs = {"content": self.logprobs} if self.top is not None else None
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+                  "logprobs": logprobs, "finish_reason": self.last.finish_reason if self.last else "length"}
+        return {**self.reply.head("chat.completion"), "choices": [choice], "usage": self.usage(cached_tokens)}
+
+    def chunk(self, delta: dict[str, Any], logprob: dict[str, Any] | None = None,
+              finish_reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None if logprob is None else {"content": [logprob]},
+                  "finish_reason": finish_reason}
+        return sse({**self.reply.head("chat.completion.chunk"), "choices": [choice]})
+
+    def usage_chunk(self, cached_tokens: int) -> str:
+        return sse({**self.reply.head("chat.completion.chunk"), "choices": [], "usage": self.usage(cached_tokens)})
+
+
+class CompletionAnswer:
+    """Accumulates a legacy completion (`logprobs` as that endpoint reports them)."""
+
+    def __init__(self, reply: Reply, tokenizer: Any, prompt_tokens: int, logprobs: int | None):
+        self.reply, self.tokenizer, self.prompt_tokens, self.top = reply, tokenizer, prompt_tokens, logprobs
+        self.text: list[str] = []
+        self.offset = 0
+        self.last: GenerationResponse | None = None
+        self.logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, r: GenerationResponse) -> dict[str, list] | None:
+        self.text.append(r.text)
+        self.last = r
+        if self.top is None:
+            self.offset += len(r.text)
+            return None
+        token, _ = token_text(self.tokenizer, r.token)
+        top: dict[str, float] = {}
+        for alt, logprob in (r.top_logprobs or [])[: self.top]:
+            top.setdefault(token_text(self.tokenizer, alt)[0], logprob)
+        entry = {"tokens": [token], "token_logprobs": [r.logprob], "top_logprobs": [top], "text_offset": [self.offset]}
+        self.offset += len(r.text)
+        for key, values in entry.items():
+            self.logprobs[key] += values
+        return entry
+
+    def _choice(self, text: str, logprobs: dict[str, list] | None, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def response(self, cached_tokens: int) -> dict[str, Any]:
+        choice = self._choice("".join(self.text), self.logprobs if self.top is not None else None,
+                              self.last.finish_reason if self.last else "length")
+        completion = self.last.generation_tokens if self.last else 0
+        return {**self.reply.head("text_completion"), "choices": [choice],
+                "usage": usage(self.prompt_tokens, completion, cached_tokens)}
+
+    def chunk(self, text: str, logprobs: dict[str, list] | None, finish_reason: str | None) -> str:
+        return sse({**self.reply.head("text_completion"), "choices": [self._choice(text, logprobs, finish_reason)]})
+
+    def usage_chunk(self, cached_tokens: int) -> str:
+        completion = self.last.generation_tokens if self.last else 0
+        return sse({**self.reply.head("text_completion"), "choices": [],
+                    "usage": usage(self.prompt_tokens, completion, cached_tokens)})

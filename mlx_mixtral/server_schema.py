@@ -1,0 +1,218 @@
+"""Request and response bodies of the OpenAI-compatible server (the OpenAPI document is built from them).
+
+Field names, defaults and ranges follow OpenAI's API reference for chat completions, (legacy)
+completions and models; a few widely used extensions (top_k, min_p, repetition_penalty) are accepted
+as in vLLM and llama.cpp's servers. Requests are validated strictly (a string is not a number), so a
+wrong type is a 400 rather than a silent conversion; unknown fields are ignored, as clients send many.
+Options whose meaning this server cannot honour (n > 1, echo, suffix, best_of > 1, non-zero
+presence/frequency penalties) are rejected rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI allows up to 4 stop sequences and 20 top logprobs (5 on the legacy completions endpoint).
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- requests ----------------------------------------------------------------------------------------
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    # "developer" is OpenAI's newer name for the system role.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """Options shared by both generation endpoints."""
+
+    model: Optional[str] = Field(None, description="must name the served model (see GET /v1/models) or be omitted")
+    max_tokens: Optional[int] = Field(None, ge=1, description="default: the server's cap, or what the context allows")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0, description="extension: keep the k most likely tokens (0: off)")
+    min_p: Optional[float] = Field(None, ge=0.0, lt=1.0, description="extension: min-p filter (0: off)")
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0, description="extension: CTRL penalty")
+    seed: Optional[int] = Field(None, **SEED_RANGE)
+    stop: Optional[Union[str, list[str]]] = Field(None, description=f"up to {MAX_STOP} stop sequences")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    user: Optional[str] = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="wins over max_tokens when both are set")
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
+        ..., description="text or token ids; a list holds exactly one prompt")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = Field(False, description="not supported: must be false")
+    suffix: Optional[str] = Field(None, description="not supported: must be null")
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(..., description="prompt tokens taken from the prefix cache instead of computed")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (`data: {...}`; the stream ends with
+    `data: [DONE]`). With stream_options.include_usage the last chunk has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class Completion(BaseModel):
+    """A completion; streamed, each server-sent event is one of these with the new text (no usage
+    except in the last event when stream_options.include_usage)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mlx-mixtral"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    busy: bool = Field(..., description="a generation is running")
+    queued: int = Field(..., description="requests waiting for the generation worker")
+    completed: int
+    cancelled: int = Field(..., description="generations stopped because their client went away")
+    failed: int
+    generated_tokens: int
+    prompt_cache_entries: int

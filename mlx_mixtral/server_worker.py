@@ -1,0 +1,102 @@
+"""The server's one generation worker: a thread that runs queued generations one at a time.
+
+Requests arrive on the event loop; each becomes a `Job` in a FIFO queue, so jobs run in arrival
+order and two generations never share the device (or the model's caches). The worker drives
+`stream_generate` and hands every `GenerationResponse` back to the job's event loop; a job whose
+client went away is cancelled between two tokens, which frees the worker for the next one. All MLX
+work happens on this thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .generate import GenerationResponse, stream_generate
+from .prefix_cache import PrefixCache
+
+log = logging.getLogger("mlx_mixtral.server")
+
+
+@dataclass
+class Finished:
+    """The job's last event: `error` is set when the generation failed."""
+
+    error: BaseException | None = None
+
+
+@dataclass
+class Job:
+    ids: list[int]  # the whole prompt
+    options: dict[str, Any]  # keyword options of stream_generate
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerationResponse ..., then Finished
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (set before the first event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, event: GenerationResponse | Finished) -> None:
+        """Pass an event to the request's event loop (called from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            self.cancel()
+
+
+class Worker:
+    def __init__(self, model: Any, tokenizer: Any, prompt_cache: PrefixCache):
+        self.model, self.tokenizer, self.prompt_cache = model, tokenizer, prompt_cache
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self.busy = False
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self._thread = threading.Thread(target=self._run, name="mlx-mixtral-generation", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                continue
+            self.busy = True
+            try:
+                self._serve(job)
+            finally:
+                self.busy = False
+
+    def _serve(self, job: Job) -> None:
+        cache, kept = self.prompt_cache.take(job.ids)
+        job.cached_tokens = kept
+        fed = list(job.ids)
+        try:
+            for response in stream_generate(self.model, self.tokenizer, job.ids[kept:], cache=cache, **job.options):
+                fed.append(response.token)
+                self.stats["generated_tokens"] += 1
+                job.emit(response)
+                if job.cancelled.is_set():
+                    break
+        except Exception as e:  # reported to the client; the worker keeps serving
+            log.exception("generation failed")
+            self.stats["failed"] += 1
+            job.emit(Finished(e))
+            return
+        # A cancelled generation still leaves a valid cache (prompt + the tokens it produced).
+        self.prompt_cache.put(cache, fed)
+        self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        job.emit(Finished())

@@ -1,0 +1,215 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, through the official `openai` client.
+
+Answers are compared with transformers' greedy generate on the same tiny checkpoint, token ids with
+mistral-common's Mixtral tokenizer, and text with SentencePiece's decoder.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from mlx_mixtral.chat import common_prefix_length
+from server_harness import EOS, shared
+
+openai = pytest.importorskip("openai")
+
+USER1 = "Hello, who are you?"
+USER2 = "Tell me more about it."
+
+
+@pytest.fixture(scope="module")
+def server():
+    return shared("server")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return shared("reference")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, server, messages, **kwargs):
+    return client.chat.completions.create(model=server_model(server), messages=messages, temperature=0, **kwargs)
+
+
+def server_model(server):
+    return server.health()["model"]
+
+
+def _stream_text(stream):
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return chunks, text
+
+
+def test_models_and_health(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [server_model(server)]
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    assert server.health()["status"] == "ok"
+
+
+def test_chat_non_streaming_equals_transformers(client, server, ref):
+    messages = [{"role": "user", "content": USER1}]
+    ids = ref.chat_ids(messages)
+    tokens, text = ref.greedy(ids, 20)
+    r = _chat(client, server, messages, max_tokens=20)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == ("stop" if len(tokens) < 20 else "length")
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(tokens) + (len(tokens) < 20)  # EOS counts as generated
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client, server, ref):
+    messages = [{"role": "user", "content": "Stream me a story"}]
+    whole = _chat(client, server, messages, max_tokens=24)
+    chunks, text = _stream_text(_chat(client, server, messages, max_tokens=24, stream=True,
+                                      stream_options={"include_usage": True}))
+    assert text == whole.choices[0].message.content == ref.greedy(ref.chat_ids(messages), 24)[1]
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # really streamed
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_strings(client, server):
+    messages = [{"role": "user", "content": "Count with me"}]
+    full = _chat(client, server, messages, max_tokens=24).choices[0].message.content
+    # A stop string from the middle of the answer that does not occur earlier in it.
+    start = next(i for i in range(6, len(full) - 3) if full.find(full[i:i + 3]) == i)
+    stop = full[start:start + 3]
+    cut = _chat(client, server, messages, max_tokens=24, stop=["never-there", stop])
+    assert cut.choices[0].message.content == full[:start]
+    assert cut.choices[0].finish_reason == "stop"
+    _, streamed = _stream_text(_chat(client, server, messages, max_tokens=24, stop=stop, stream=True))
+    assert streamed == full[:start]
+
+
+def test_multi_turn_reuses_the_prefix_cache(client, server, ref):
+    """The second turn resends turn one; only the new tokens are prefilled, and the answer is the
+    one transformers gives for the whole conversation."""
+    turn1 = [{"role": "user", "content": USER1}]
+    first = _chat(client, server, turn1, max_tokens=12)
+    answer1 = first.choices[0].message.content
+    turn2 = turn1 + [{"role": "assistant", "content": answer1}, {"role": "user", "content": USER2}]
+    second = _chat(client, server, turn2, max_tokens=12)
+
+    ids1, ids2 = ref.chat_ids(turn1), ref.chat_ids(turn2)
+    gen1, _ = ref.greedy(ids1, 12)
+    assert second.usage.prompt_tokens == len(ids2)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # The cache holds turn one's prompt and answer (the answer's last token may not have been fed).
+    held = ids1 + gen1 + ([EOS] if len(gen1) < 12 else [])
+    assert common_prefix_length(held[:-1], ids2) <= cached <= common_prefix_length(held, ids2)
+    assert cached >= len(ids1)
+    prefilled = second.usage.prompt_tokens - cached
+    assert prefilled <= len(ids2) - len(ids1)
+    assert second.choices[0].message.content == ref.greedy(ids2, 12)[1]
+
+
+def test_logprobs_equal_transformers(client, server, ref):
+    messages = [{"role": "user", "content": "Give me logprobs"}]
+    r = _chat(client, server, messages, max_tokens=8, logprobs=True, top_logprobs=3)
+    ids = ref.chat_ids(messages)
+    tokens, _ = ref.greedy(ids, 8)
+    content = r.choices[0].logprobs.content
+    assert [ref.sp.id_to_piece(t).replace("\u2581", " ") for t in tokens] == [c.token for c in content][:len(tokens)]
+    expected = ref.logprobs(ids, tokens)
+    assert [c.logprob for c in content][:len(tokens)] == pytest.approx(expected, abs=2e-3)
+    for c in content:
+        assert len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)  # greedy: the chosen one is best
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    chunks, _ = _stream_text(_chat(client, server, messages, max_tokens=8, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [lp.model_dump() for lp in streamed] == [lp.model_dump() for lp in content]
+
+
+def test_completions_endpoint_equals_transformers(client, server, ref):
+    prompt = "The capital of France is"
+    tokens, text = ref.greedy(ref.text_ids(prompt), 10)
+    r = client.completions.create(model=server_model(server), prompt=prompt, max_tokens=10, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == text
+    assert r.usage.prompt_tokens == len(ref.text_ids(prompt))
+    streamed = client.completions.create(model=server_model(server), prompt=ref.text_ids(prompt), max_tokens=10,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+
+
+def test_seeded_sampling_is_repeatable(client, server):
+    messages = [{"role": "user", "content": "Surprise me"}]
+
+    def run(seed):
+        return client.chat.completions.create(model=server_model(server), messages=messages, max_tokens=12,
+                                              temperature=1.0, seed=seed).choices[0].message.content
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_twenty_concurrent_streams_match_a_single_request(client, server):
+    messages = [{"role": "user", "content": "Everyone asks the same thing"}]
+    single = _chat(client, server, messages, max_tokens=16).choices[0].message.content
+    before = server.health()
+
+    def one(_):
+        return _stream_text(_chat(client, server, messages, max_tokens=16, stream=True))[1]
+
+    with ThreadPoolExecutor(20) as pool:
+        texts = list(pool.map(one, range(20)))
+    assert texts == [single] * 20
+    after = server.health()
+    assert after["completed"] - before["completed"] == 20
+    assert after["failed"] == before["failed"] and not after["busy"] and after["queued"] == 0
+
+
+def _wait_idle(server, cancelled: int, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = server.health()
+        if not h["busy"] and h["cancelled"] >= cancelled:
+            return h
+        time.sleep(0.01)
+    raise AssertionError(f"the worker is still busy {timeout} s after the client left: {server.health()}")
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_dropped_stream_frees_the_worker(server, endpoint, capsys):
+    """A client that leaves mid-stream cancels its generation: the worker goes idle long before
+    the 2000 tokens it asked for (~10 s of generation here) and serves the next request."""
+    before = server.health()
+    body = {"max_tokens": 2000, "temperature": 0, "stream": True, "logit_bias": {str(EOS): -100}}
+    if endpoint == "chat":
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "Talk forever"}]
+    else:
+        path, body["prompt"] = "/v1/completions", "Once upon a time"
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + path, json=body) as response:
+            assert response.status_code == 200
+            events = 0
+            for line in response.iter_lines():
+                events += line.startswith("data:")
+                if events == 4:
+                    break
+        left = time.monotonic()  # leaving the block closed the connection
+    after = _wait_idle(server, before["cancelled"] + 1)
+    with capsys.disabled():
+        print(f"\n[{endpoint}] worker free {time.monotonic() - left:.3f} s after the client left "
+              f"({after['generated_tokens'] - before['generated_tokens']} tokens generated)")
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
+    assert after["generated_tokens"] - before["generated_tokens"] < 1000
+    quick = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] == 2

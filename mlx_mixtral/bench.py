@@ -1,0 +1,261 @@
+"""`mlx-mixtral bench`: prefill and decode speed of a model on this machine, against the
+memory-bandwidth roofline of the chip, with the fused Metal kernels on and/or off.
+
+    mlx-mixtral bench --model mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit --kernels both --plot b.png
+
+A decode token must stream the weights it uses (attention, router, the K routed experts, one
+embedding row, the output head) plus the KV cache once, so tok/s <= bandwidth / those bytes;
+the bytes are counted from the traced decode step (mlx_mixtral.accounting). The table goes to
+stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import mlx.core as mx
+
+# Unified-memory bandwidth in GB/s from Apple's specifications. Where a chip comes in two
+# GPU bins with different memory systems (M3 Max, M4 Max), the larger bin's figure is listed:
+# pass --bandwidth for the smaller one (M3 Max 30-core: 300, M4 Max 32-core: 410).
+APPLE_BANDWIDTH_GBS = {
+    "M1": 68.25, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
+    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
+    "M3": 100, "M3 Pro": 150, "M3 Max": 400, "M3 Ultra": 819,
+    "M4": 120, "M4 Pro": 273, "M4 Max": 546,
+}
+
+
+def device_name() -> str:
+    """'Apple M2 Max' on a Mac (MLX's device info, else sysctl), the CPU's name elsewhere."""
+    try:
+        name = str(mx.device_info().get("device_name", ""))
+    except Exception:  # older MLX builds without device_info
+        name = ""
+    if not name and sys.platform == "darwin":
+        try:
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+        except OSError:
+            name = ""
+    return name or platform.processor() or platform.machine()
+
+
+def chip_bandwidth(name: str) -> float | None:
+    """GB/s for an Apple chip name such as 'Apple M3 Pro'; None when the chip is not in the table."""
+    words = name.replace("Apple", "").split()
+    for n in (2, 1):  # 'M2 Max' before 'M2'
+        key = " ".join(words[:n])
+        if len(words) >= n and key in APPLE_BANDWIDTH_GBS:
+            return float(APPLE_BANDWIDTH_GBS[key])
+    return None
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int
+    decode_tokens: int
+    prefill_s: float  # prompt in, first token out
+    decode_s: float  # first token out to last token out
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_tokens else math.nan
+
+
+def time_generation(steps: Iterator[Any], prompt_tokens: int, decode_tokens: int) -> Timing:
+    """Drive a token generator made for `decode_tokens + 1` tokens (the first comes from the
+    prefill) and time it. Works for this package's generate_step and mlx-lm's alike."""
+    start = time.perf_counter()
+    first = last = start
+    n = 0
+    for n, _ in enumerate(steps, start=1):
+        last = time.perf_counter()
+        if n == 1:
+            first = last
+    mx.synchronize()
+    if n != decode_tokens + 1:
+        raise RuntimeError(f"generator produced {n} tokens, expected {decode_tokens + 1}")
+    return Timing(prompt_tokens, decode_tokens, first - start, last - first)
+
+
+def random_prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
+    """Token ids spread over the vocabulary (ids 0-2 are BOS/EOS/UNK in Mistral's tokenizers)."""
+    key = mx.random.key(seed)
+    return mx.random.randint(3, vocab, (length,), key=key).tolist()
+
+
+def kv_bytes_per_token(args: Any, context: int, itemsize: int) -> int:
+    """KV cache bytes a decode step reads at `context` positions (keys and values, all layers)."""
+    seen = context if args.sliding_window is None else min(context, args.sliding_window)
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * seen * itemsize
+
+
+def measure_ours(model: Any, prompt_len: int, decode_tokens: int, reps: int, seed: int = 0) -> dict:
+    """Median prefill and decode tok/s of this package's generate_step, and the peak memory."""
+    from .generate import generate_step
+
+    ids = random_prompt(prompt_len, model.args.vocab_size, seed)
+    runs, peaks = [], []
+    for _ in range(reps):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        runs.append(time_generation(generate_step(ids, model, max_tokens=decode_tokens + 1), prompt_len,
+                                    decode_tokens))
+        peaks.append(mx.get_peak_memory())
+    return {"prompt_tokens": prompt_len, "decode_tokens": decode_tokens, "reps": reps,
+            "prefill_tps": statistics.median(r.prefill_tps for r in runs),
+            "decode_tps": statistics.median(r.decode_tps for r in runs),
+            "peak_gb": max(peaks) / 1e9}
+
+
+def _parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-lengths {text!r}: expected comma-separated integers") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"--prompt-lengths {text!r}: lengths must be >= 1")
+    return lengths
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-mixtral bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="MLX model directory or hub id")
+    p.add_argument("--prompt-lengths", type=_parse_lengths, default=[128, 512, 2048],
+                   help="comma-separated context lengths (default 128,512,2048)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prompt (default 32)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per length (default 3)")
+    p.add_argument("--kernels", choices=["on", "off", "both"], default="on",
+                   help="fused Metal expert kernels (MLX_MIXTRAL_KERNELS) for decode")
+    p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (overrides the chip table)")
+    p.add_argument("--plot", default=None, help="write a PNG of tok/s against context length")
+    p.add_argument("--json", default=None, help="write the results as JSON")
+    return p
+
+
+def _roofline(bandwidth: float | None, weight_bytes: int, args: Any, context: int, itemsize: int) -> float | None:
+    if bandwidth is None:
+        return None
+    return bandwidth * 1e9 / (weight_bytes + kv_bytes_per_token(args, context, itemsize))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.decode_tokens < 1 or args.reps < 1:
+        print("mlx-mixtral bench: --decode-tokens and --reps must be >= 1", file=sys.stderr)
+        return 2
+    from . import accounting
+    from .loader import LoadError, load_model, resolve_model_dir
+
+    try:
+        model = load_model(resolve_model_dir(args.model))
+    except LoadError as e:
+        print(f"mlx-mixtral bench: {e}", file=sys.stderr)
+        return 1
+    name = device_name()
+    bandwidth = args.bandwidth if args.bandwidth is not None else chip_bandwidth(name)
+    source = "--bandwidth" if args.bandwidth is not None else ("chip table" if bandwidth else None)
+    print(f"device: {name} ({mx.default_device()}); bandwidth: "
+          + (f"{bandwidth:g} GB/s ({source})" if bandwidth else "unknown (not an Apple chip in the table; "
+                                                                 "pass --bandwidth GB/s)"), file=sys.stderr)
+
+    cache = accounting.prefill_cache(model, model.make_cache(), 16)
+    account = accounting.account_decode_step(model, cache)
+    del cache
+    for line in accounting.describe(account):
+        print(line, file=sys.stderr)
+    itemsize = model.model.norm.weight.dtype.size  # the KV cache holds the compute dtype
+
+    metal = mx.metal.is_available()
+    settings = ["on", "off"] if args.kernels == "both" else [args.kernels]
+    if not metal and args.kernels != "off":
+        print("fused kernels need a Metal GPU; this machine runs the built-in ops either way", file=sys.stderr)
+        settings = ["off"]
+    from .experts import KERNELS_ENV
+
+    saved = os.environ.get(KERNELS_ENV)
+    rows = []
+    try:
+        for setting in settings:
+            os.environ[KERNELS_ENV] = "1" if setting == "on" else "0"
+            measure_ours(model, 16, 2, 1)  # warm-up: first-call allocations and kernel builds
+            for length in args.prompt_lengths:
+                print(f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens "
+                      f"x {args.reps}", file=sys.stderr)
+                r = measure_ours(model, length, args.decode_tokens, args.reps)
+                roof = _roofline(bandwidth, account.weights.bytes_read, model.args, length, itemsize)
+                r.update(kernels=setting, roofline_tps=roof,
+                         roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof)
+                rows.append(r)
+    finally:
+        if saved is None:
+            os.environ.pop(KERNELS_ENV, None)
+        else:
+            os.environ[KERNELS_ENV] = saved
+
+    print(f"{'kernels':<8} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline tok/s':>14} "
+          f"{'% roofline':>10} {'peak GB':>8}")
+    for r in rows:
+        roof = "unknown" if r["roofline_tps"] is None else f"{r['roofline_tps']:.1f}"
+        pct = "unknown" if r["roofline_pct"] is None else f"{r['roofline_pct']:.1f}"
+        print(f"{r['kernels']:<8} {r['prompt_tokens']:>7} {r['prefill_tps']:>13.1f} {r['decode_tps']:>12.1f} "
+              f"{roof:>14} {pct:>10} {r['peak_gb']:>8.2f}")
+
+    result = {"model": str(args.model), "device": name, "backend": str(mx.default_device()),
+              "bandwidth_gbs": bandwidth, "bandwidth_source": source, "mlx": mx.__version__,
+              "decode_step": {"weight_bytes": account.weights.bytes_read, "minimum_bytes": account.weights.minimum,
+                              "ratio": account.weights.ratio, "primitives": account.primitives,
+                              "primitives_per_layer": account.primitives_per_layer, "host_ms": account.host_ms},
+              "runs": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot, title=f"{args.model} on {name}")
+    return 0
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Prefill and decode tok/s against context length, one line per kernel setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for setting in sorted({r["kernels"] for r in rows}):
+        mine = [r for r in rows if r["kernels"] == setting]
+        x = [r["prompt_tokens"] for r in mine]
+        axes[0].plot(x, [r["prefill_tps"] for r in mine], marker="o", label=f"kernels {setting}")
+        axes[1].plot(x, [r["decode_tps"] for r in mine], marker="o", label=f"kernels {setting}")
+        if mine[0]["roofline_tps"] is not None:
+            axes[1].plot(x, [r["roofline_tps"] for r in mine], linestyle="--", label="bandwidth roofline")
+    for ax, what in zip(axes, ["prefill", "decode"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(f"{what} tok/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

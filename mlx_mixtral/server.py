@@ -16,6 +16,7 @@ import socket
 import sys
 
 from .server_app import LOOPBACK_HOSTS, Settings, create_app
+from .server_worker import Worker
 
 API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
 
@@ -86,18 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"loading {args.model} ...", file=sys.stderr)
     try:
-        model, tokenizer = load(args.model)
+        worker = Worker(lambda: load(args.model), max_kv_size=args.max_kv_size,
+                        prompt_cache_size=args.prompt_cache_size)
     except (ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
         print(f"mlx-mixtral serve: {e}", file=sys.stderr)
+        return 1
+    try:  # a bad --chat-template fails here, not in every request
+        worker.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, args.chat_template)
+    except ValueError as e:
+        print(f"mlx-mixtral serve: --chat-template: {e}", file=sys.stderr)
         return 1
     settings = Settings(
         model_id=args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors_origin,
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
-        max_messages=args.max_messages, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size,
+        max_messages=args.max_messages, max_kv_size=args.max_kv_size,
         chat_template=args.chat_template,
         # On loopback, a Host check keeps web pages from reaching the server through DNS rebinding.
         allowed_hosts=LOOPBACK_HOSTS if _is_loopback(args.host) else None)
-    app = create_app(model, tokenizer, settings)
+    app = create_app(worker, settings)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

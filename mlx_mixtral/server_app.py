@@ -33,7 +33,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generate import GenerationResponse
-from .prefix_cache import PrefixCache
 from .sampling import validate_token_ids
 from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, Reply, generation_options, sse
 from .server_schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
@@ -59,8 +58,7 @@ class Settings:
     max_tokens_cap: int = 4096
     max_body_bytes: int = 1_000_000
     max_messages: int = 256
-    max_kv_size: int | None = None
-    prompt_cache_size: int = 4
+    max_kv_size: int | None = None  # as the worker's caches: a sliding window has no context limit
     chat_template: str | None = None
     allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # None: any Host header
 
@@ -179,10 +177,9 @@ async def _responses(job: Job, request: Request | None) -> AsyncIterator[Generat
         job.cancel()
 
 
-def create_app(model: Any, tokenizer: Any, settings: Settings) -> FastAPI:
-    """The app for one loaded model; its generation worker starts now and stops with the app."""
-    make_cache = (lambda: model.make_cache(settings.max_kv_size))
-    worker = Worker(model, tokenizer, PrefixCache(make_cache, settings.prompt_cache_size))
+def create_app(worker: Worker, settings: Settings) -> FastAPI:
+    """The app serving the model `worker` loaded; the worker stops with the app."""
+    model, tokenizer = worker.model, worker.tokenizer
     # A sliding-window cache never runs out of room; an unbounded one ends at the model's context.
     context = None if settings.max_kv_size is not None else model.args.max_position_embeddings
     limits = Limits(settings.max_tokens_cap, context, model.args.vocab_size)

@@ -4,7 +4,7 @@ Requests arrive on the event loop; each becomes a `Job` in a FIFO queue, so jobs
 order and two generations never share the device (or the model's caches). The worker drives
 `stream_generate` and hands every `GenerationResponse` back to the job's event loop; a job whose
 client went away is cancelled between two tokens, which frees the worker for the next one. All MLX
-work happens on this thread.
+work happens on this thread, loading the model included.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .generate import GenerationResponse, stream_generate
 from .prefix_cache import PrefixCache
@@ -50,13 +50,23 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model: Any, tokenizer: Any, prompt_cache: PrefixCache):
-        self.model, self.tokenizer, self.prompt_cache = model, tokenizer, prompt_cache
+    """Loads the model on its own thread, then serves jobs there. MLX streams belong to the thread
+    that made them (since mlx 0.31.2), so the weights, caches and every graph of the model are made
+    and evaluated on this one thread; only plain Python values cross to the event loop."""
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_kv_size: int | None = None,
+                 prompt_cache_size: int = 4):
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
-        self._thread = threading.Thread(target=self._run, name="mlx-mixtral-generation", daemon=True)
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(load, max_kv_size, prompt_cache_size),
+                                        name="mlx-mixtral-generation", daemon=True)
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
     @property
     def queued(self) -> int:
@@ -69,7 +79,15 @@ class Worker:
         self._jobs.put(None)
         self._thread.join(timeout=5)
 
-    def _run(self) -> None:
+    def _run(self, load: Callable[[], tuple[Any, Any]], max_kv_size: int | None, prompt_cache_size: int) -> None:
+        try:
+            self.model, self.tokenizer = load()
+            self.prompt_cache = PrefixCache(lambda: self.model.make_cache(max_kv_size), prompt_cache_size)
+        except BaseException as e:  # raised again by __init__ on the caller's thread
+            self._load_error = e
+            return
+        finally:
+            self._loaded.set()
         while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1

@@ -2,6 +2,8 @@
 traceback; API key, caps, CORS and the Host check of the stricter configuration."""
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -175,3 +177,22 @@ def test_openapi_document(server):
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     assert {"200", "400", "401", "404", "413"} <= set(chat["responses"])
     assert "text/event-stream" in chat["responses"]["200"]["content"]
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_mixtral", "serve", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_serve_refuses_bad_startup_options(server, tmp_path):
+    """One line on stderr and exit status 1 (argparse: 2), no traceback."""
+    missing = _serve("--model", str(tmp_path / "nothing-here"), "--port", "0")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert str(tmp_path / "nothing-here") in missing.stderr.splitlines()[-1]
+    port = server.url.rsplit(":", 1)[1]
+    taken = _serve("--model", str(shared("model_dir")), "--port", port)
+    assert taken.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    template = _serve("--model", str(shared("model_dir")), "--port", "0", "--chat-template", "no-such-template")
+    assert template.returncode == 1 and "--chat-template" in template.stderr.splitlines()[-1]
+    bad_cap = _serve("--model", "x", "--max-tokens-cap", "0")
+    assert bad_cap.returncode == 2 and "--max-tokens-cap" in bad_cap.stderr

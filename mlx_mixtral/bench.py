@@ -123,6 +123,36 @@ def measure_ours(model: Any, prompt_len: int, decode_tokens: int, reps: int, see
             "peak_gb": max(peaks) / 1e9}
 
 
+def expert_geometry(model: Any) -> dict | None:
+    """Shapes and quantization of the first MoE layer's experts (the arguments of
+    metal.bench.compare_fused_builtin); None for dense or unquantized models."""
+    layer = next((layer for layer in model.layers if "block_sparse_moe" in layer), None)
+    if layer is None:
+        return None
+    gate = layer.block_sparse_moe.switch_mlp.gate_proj
+    if getattr(gate, "mode", None) != "affine":
+        return None
+    a = model.args
+    return {"hidden": a.hidden_size, "ffn": a.intermediate_size, "experts": a.num_local_experts,
+            "top_k": a.num_experts_per_tok, "bits": gate.bits, "group_size": gate.group_size,
+            "dtype": model.model.norm.weight.dtype}
+
+
+def fused_vs_builtin(model: Any) -> dict:
+    """One MoE layer's decode step, fused Metal kernels vs built-in ops, at this model's shapes."""
+    geometry = expert_geometry(model)
+    if geometry is None:
+        return {"skipped": "not a 4/8-bit affine MoE model"}
+    from .metal.bench import compare_fused_builtin
+
+    try:
+        result = compare_fused_builtin(**geometry)
+    except (RuntimeError, ValueError) as e:
+        return {"skipped": str(e)}
+    result["shape"] = {k: str(v) for k, v in result["shape"].items()}
+    return result
+
+
 def _parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
@@ -149,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _roofline(bandwidth: float | None, weight_bytes: int, args: Any, context: int, itemsize: int) -> float | None:
+    """Decode tok/s if every step streamed `weight_bytes` plus the KV cache at full bandwidth."""
     if bandwidth is None:
         return None
     return bandwidth * 1e9 / (weight_bytes + kv_bytes_per_token(args, context, itemsize))
@@ -198,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens "
                       f"x {args.reps}", file=sys.stderr)
                 r = measure_ours(model, length, args.decode_tokens, args.reps)
-                roof = _roofline(bandwidth, account.weights.bytes_read, model.args, length, itemsize)
+                roof = _roofline(bandwidth, account.weights.minimum, model.args, length, itemsize)
                 r.update(kernels=setting, roofline_tps=roof,
                          roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof)
                 rows.append(r)
@@ -207,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(KERNELS_ENV, None)
         else:
             os.environ[KERNELS_ENV] = saved
+
+    kernel_layer = None
+    if metal and args.kernels == "both":
+        kernel_layer = fused_vs_builtin(model)
+        if "skipped" in kernel_layer:
+            print(f"fused vs built-in, one MoE layer: skipped ({kernel_layer['skipped']})", file=sys.stderr)
+        else:
+            print(f"fused vs built-in, one MoE layer at decode: {kernel_layer['fused_ms']:.3f} ms vs "
+                  f"{kernel_layer['builtin_ms']:.3f} ms ({kernel_layer['speedup']:.2f}x), max |diff| "
+                  f"{kernel_layer['max_abs_diff']:.2e}", file=sys.stderr)
 
     print(f"{'kernels':<8} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline tok/s':>14} "
           f"{'% roofline':>10} {'peak GB':>8}")
@@ -221,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               "decode_step": {"weight_bytes": account.weights.bytes_read, "minimum_bytes": account.weights.minimum,
                               "ratio": account.weights.ratio, "primitives": account.primitives,
                               "primitives_per_layer": account.primitives_per_layer, "host_ms": account.host_ms},
-              "runs": rows}
+              "runs": rows, "fused_vs_builtin_layer": kernel_layer}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -133,7 +133,7 @@ def test_bench_command_prints_a_table_and_the_roofline(side_by_side, tmp_path, c
     a = result["decode_step"]
     for run in result["runs"]:
         # roofline = bandwidth / (weights + KV cache read at that context), from the traced bytes
-        assert run["roofline_tps"] < 100e9 / a["weight_bytes"]
+        assert run["roofline_tps"] < 100e9 / a["minimum_bytes"]
         assert run["roofline_pct"] == pytest.approx(100 * run["decode_tps"] / run["roofline_tps"])
     assert (tmp_path / "b.png").stat().st_size > 0
 
@@ -153,3 +153,15 @@ def test_chip_bandwidth_table():
     assert chip_bandwidth("Apple M2") == 100
     assert chip_bandwidth("Apple M4 Pro") == 273
     assert chip_bandwidth("AMD EPYC") is None
+
+
+def test_kernel_comparison_uses_the_model_expert_shapes(side_by_side):
+    from mlx_mixtral.bench import expert_geometry, fused_vs_builtin
+    from mlx_mixtral.loader import load_model
+
+    _, _, run_dir = side_by_side
+    model = load_model(run_dir / "4bit")
+    assert expert_geometry(model) == {"hidden": 64, "ffn": 128, "experts": 4, "top_k": 2, "bits": 4, "group_size": 64,
+                                      "dtype": model.model.norm.weight.dtype}
+    if not mx.metal.is_available():
+        assert "Metal" in fused_vs_builtin(model)["skipped"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_mixtral import load_model
+from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.generate import StopMatcher, generate_step
 from mlx_mixtral.sampling import make_logits_processors, make_sampler
 from tiny_models import load_hf_model
@@ -141,3 +141,73 @@ def test_each_step_draws_with_a_fresh_key(models):
 
     tokens = [t for t, _ in generate_step(PROMPT, model, max_tokens=20, sampler=uniform, key=mx.random.key(0))]
     assert len(set(tokens)) > 5
+
+
+# --- text: the real Mixtral tokenizer -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory):
+    from memorized import memorized_4bit
+
+    return memorized_4bit(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def babbler(tmp_path_factory):
+    """Random weights, real tokenizer: emits byte-fallback pieces, CJK, stray spaces."""
+    from tiny_models import add_tokenizer, make_hf_checkpoint
+
+    return load(add_tokenizer(make_hf_checkpoint(tmp_path_factory.mktemp("babbler"), vocab_size=32000, seed=7)))
+
+
+def test_streamed_text_joins_to_the_decoded_tokens(babbler):
+    model, tok = babbler
+    rs = list(stream_generate(model, tok, "Once upon a time", max_tokens=200, temperature=1.0, seed=1))
+    tokens = [r.token for r in rs if r.token not in tok.eos_token_ids]
+    assert "".join(r.text for r in rs) == tok.decode(tokens)
+    assert any(tok.id_to_token(t).startswith("<0x") for t in tokens)  # byte pieces were streamed too
+    assert [r.generation_tokens for r in rs] == list(range(1, len(rs) + 1))
+    assert all(r.prompt_tokens == len(tok.encode("Once upon a time")) for r in rs)
+
+
+@pytest.mark.parametrize("stop", [" sat on the l", "t on t", "dog", "g, w", "tree."])
+def test_stop_strings_split_across_tokens_are_never_emitted(memorized, stop):
+    from memorized import TEXT_CONTINUATION, TEXT_PROMPT
+
+    model, tok = load(memorized)
+    full = generate(model, tok, TEXT_PROMPT, max_tokens=15)
+    assert full == TEXT_CONTINUATION.strip() and stop in full
+    rs = list(stream_generate(model, tok, TEXT_PROMPT, max_tokens=15, stop=["never appears", stop]))
+    assert "".join(r.text for r in rs) == full[: full.index(stop)]
+    assert rs[-1].finish_reason == "stop" and all(r.finish_reason is None for r in rs[:-1])
+
+
+def test_every_eos_id_of_generation_config_stops(memorized, tmp_path):
+    """generation_config.json may list several end ids; '.' made one of them ends the text there."""
+    import json
+    import shutil
+
+    from memorized import TEXT_PROMPT
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(memorized, model_dir)
+    model, tok = load(model_dir)
+    period = tok.encode("tree.", bos=False)[-1]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, period]}))
+    model, tok = load(model_dir)
+    assert tok.eos_token_ids == {2, period}
+    rs = list(stream_generate(model, tok, TEXT_PROMPT, max_tokens=30))
+    assert "".join(r.text for r in rs) == "the dog sat on the log, while the bird sang in the tree"
+    assert rs[-1].token == period and rs[-1].finish_reason == "stop"
+
+
+def test_length_finish_and_logprobs_fields(memorized):
+    from memorized import TEXT_PROMPT
+
+    model, tok = load(memorized)
+    rs = list(stream_generate(model, tok, TEXT_PROMPT, max_tokens=4, logprobs=3))
+    assert [r.finish_reason for r in rs] == [None, None, None, "length"]
+    for r in rs:
+        assert r.top_logprobs[0][0] == r.token  # greedy picks the most likely token
+        assert r.logprob == pytest.approx(r.top_logprobs[0][1])
+        assert r.top_logprobs[0][1] >= r.top_logprobs[1][1] >= r.top_logprobs[2][1]
+        assert r.peak_memory > 0 and r.prompt_tps > 0

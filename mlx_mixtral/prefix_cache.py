@@ -56,8 +56,7 @@ class PrefixCache:
         held, cache = self._entries[best]
         if keep < len(held):
             copy = _prefix_copy(cache, keep)
-            if copy is not None:
-                self._entries.move_to_end(best)
+            if copy is not None:  # (not a use of the entry's own conversation: its LRU place stays)
                 return copy, keep
         del self._entries[best]
         kept = reuse_cache(cache, held, ids)

@@ -18,7 +18,8 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import Cache
-from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, top_logprobs
+from .sampling import (LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, top_logprobs,
+                       validate_token_ids)
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -165,10 +166,7 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx
     keyword options would build.
     """
     ids = _prompt_ids(tokenizer, prompt)
-    vocab = model.args.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
+    validate_token_ids(ids, model.args.vocab_size, "prompt")
     if logprobs < 0:
         raise ValueError(f"logprobs must be >= 0, got {logprobs}")
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)

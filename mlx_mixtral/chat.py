@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .cache import Cache, load_prompt_cache, save_prompt_cache
-from .generate import GenerationResponse, stream_generate
+from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_generate
 
 SESSION_FORMAT = "mlx-mixtral-chat/1"
 
@@ -102,7 +102,7 @@ class ChatSession:
                 raise ContextLimitError(
                     f"the conversation is {len(ids)} tokens and the model's context is {self.context_length}; "
                     f"reset the chat, or start it with max_kv_size=N to keep a sliding window of N tokens")
-            wanted = options.get("max_tokens", 256)
+            wanted = options.get("max_tokens", DEFAULT_MAX_TOKENS)
             options["max_tokens"] = room if wanted is None else min(wanted, room)
 
         kept = reuse_cache(self.cache, self.cached_ids, ids)

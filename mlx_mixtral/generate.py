@@ -22,11 +22,12 @@ from .sampling import (LogitsProcessor, Sampler, greedy, make_logits_processors,
                        validate_token_ids)
 
 DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_MAX_TOKENS = 256
 
 
 def generate_step(prompt_ids: Sequence[int] | mx.array, model: Any, *, cache: list[Cache] | None = None,
                   sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_tokens: int | None = 256,
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                   key: mx.array | None = None) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs (V,))` for each new token after `prompt_ids`.
 
@@ -151,7 +152,7 @@ def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[
 
 
 def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx.array, *,
-                    max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                    max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                     min_p: float = 0.0, repetition_penalty: float | None = None,
                     repetition_context_size: int | None = 20, logit_bias: dict[int, float] | None = None,
                     seed: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,

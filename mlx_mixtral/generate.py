@@ -152,8 +152,8 @@ def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[
 
 
 def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx.array, *,
-                    max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                    min_p: float = 0.0, repetition_penalty: float | None = None,
+                    max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
                     repetition_context_size: int | None = 20, logit_bias: dict[int, float] | None = None,
                     seed: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
                     cache: list[Cache] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,

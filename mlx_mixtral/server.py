@@ -14,6 +14,9 @@ import ipaddress
 import os
 import socket
 import sys
+from typing import Any
+
+import uvicorn
 
 from .server_app import LOOPBACK_HOSTS, Settings, create_app
 from .server_worker import Worker
@@ -76,8 +79,6 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import uvicorn
-
     from .loader import load
 
     try:
@@ -112,5 +113,18 @@ def main(argv: list[str] | None = None) -> int:
           f"API at http://{shown}:{port}/v1", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and args.api_key is None:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr)
-    uvicorn.Server(config).run(sockets=[sock])
+    _Server(config, worker).run(sockets=[sock])
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but Ctrl-C/SIGTERM first ends the running generation (its client gets a 503
+    error event), so open streams close and the graceful shutdown does not wait for them."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.worker.shut_down()
+        super().handle_exit(sig, frame)

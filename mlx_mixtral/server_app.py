@@ -19,6 +19,7 @@ import hmac
 import logging
 import re
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -37,7 +38,7 @@ from .sampling import validate_token_ids
 from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, Reply, generation_options, sse
 from .server_schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                             CompletionRequest, ErrorResponse, Health, ModelCard, ModelList)
-from .server_worker import Finished, Job, Worker
+from .server_worker import Finished, Job, ShuttingDown, Worker
 
 log = logging.getLogger("mlx_mixtral.server")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -47,7 +48,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' d
                                            "form-action 'none'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API key", 404: "unknown model",
-                  413: "request body too large", 500: "server fault"}
+                  413: "request body too large", 500: "server fault", 503: "the server is shutting down"}
 
 
 @dataclass
@@ -157,18 +158,26 @@ class EventStream(StreamingResponse):
             self.job.cancel()
 
 
+DISCONNECT_POLL_S = 0.25
+
+
 async def _responses(job: Job, request: Request | None) -> AsyncIterator[GenerationResponse]:
     """The job's generation responses until it finishes. With `request` (non-streaming), a client
-    that disconnects is noticed within ~0.25 s while waiting; streams rely on EventStream."""
+    that disconnects is noticed within DISCONNECT_POLL_S; streams rely on EventStream."""
+    checked = time.monotonic()
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+            if request is not None and time.monotonic() - checked >= DISCONNECT_POLL_S:
+                if await request.is_disconnected():
                     return
+                checked = time.monotonic()
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if isinstance(event, Finished):
+                if isinstance(event.error, ShuttingDown):
+                    raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
                 if event.error is not None:
                     raise APIError(500, "generation failed; see the server log", type="server_error")
                 return
@@ -186,10 +195,14 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     started = int(time.time())
     errors = {code: {"model": ErrorResponse, "description": why} for code, why in ERROR_STATUSES.items()}
 
-    app = FastAPI(title="mlx-mixtral", version="0.1.0", docs_url=None, redoc_url=None,
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="mlx-mixtral", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="OpenAI-compatible API for one local model.", responses=errors)
     app.state.worker = worker
-    app.router.add_event_handler("shutdown", worker.stop)
     app.add_middleware(Guard, settings=settings)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -22,6 +22,10 @@ from .prefix_cache import PrefixCache
 log = logging.getLogger("mlx_mixtral.server")
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: the job was cut short or never started."""
+
+
 @dataclass
 class Finished:
     """The job's last event: `error` is set when the generation failed."""
@@ -59,6 +63,8 @@ class Worker:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self._stopping = False
+        self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(load, max_kv_size, prompt_cache_size),
@@ -73,10 +79,22 @@ class Worker:
         return self._jobs.qsize()
 
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        with self._lock:  # never behind the thread's last look at the queue
+            if self._stopping:
+                job.emit(Finished(ShuttingDown()))
+            else:
+                self._jobs.put(job)
+
+    def shut_down(self) -> None:
+        """Stop the running job and refuse the waiting ones (each gets a ShuttingDown), without
+        waiting; their responses then end, so the HTTP server can close its connections."""
+        with self._lock:
+            self._stopping = True
+            self._jobs.put(None)
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        """shut_down, then wait for the thread to end."""
+        self.shut_down()
         self._thread.join(timeout=5)
 
     def _run(self, load: Callable[[], tuple[Any, Any]], max_kv_size: int | None, prompt_cache_size: int) -> None:
@@ -88,9 +106,12 @@ class Worker:
             return
         finally:
             self._loaded.set()
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():  # its client left while it waited
+        while (job := self._jobs.get()) is not None or not self._jobs.empty():
+            if job is None:  # a shut_down sentinel: the jobs behind it are refused too
+                continue
+            if job.cancelled.is_set() or self._stopping:  # its client left while it waited
                 self.stats["cancelled"] += 1
+                job.emit(Finished(ShuttingDown() if self._stopping else None))
                 continue
             self.busy = True
             try:
@@ -107,7 +128,7 @@ class Worker:
                 fed.append(response.token)
                 self.stats["generated_tokens"] += 1
                 job.emit(response)
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() or self._stopping:
                     break
         except Exception as e:  # reported to the client; the worker keeps serving
             log.exception("generation failed")
@@ -117,4 +138,4 @@ class Worker:
         # A cancelled generation still leaves a valid cache (prompt + the tokens it produced).
         self.prompt_cache.put(cache, fed)
         self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
-        job.emit(Finished())
+        job.emit(Finished(ShuttingDown() if self._stopping else None))

@@ -4,6 +4,8 @@ Answers are compared with transformers' greedy generate on the same tiny checkpo
 mistral-common's Mixtral tokenizer, and text with SentencePiece's decoder.
 """
 
+import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,7 @@ import httpx
 import pytest
 
 from mlx_mixtral.chat import common_prefix_length
-from server_harness import EOS, shared
+from server_harness import EOS, LiveServer, shared
 
 openai = pytest.importorskip("openai")
 
@@ -213,3 +215,32 @@ def test_dropped_stream_frees_the_worker(server, endpoint, capsys):
     assert after["generated_tokens"] - before["generated_tokens"] < 1000
     quick = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
     assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] == 2
+
+
+def test_dropped_non_streaming_request_frees_the_worker(server):
+    """A client that gives up on a non-streaming answer cancels it too (noticed while waiting)."""
+    before = server.health()
+    body = {"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "logit_bias": {str(EOS): -100}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    after = _wait_idle(server, before["cancelled"] + 1)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+    assert after["generated_tokens"] - before["generated_tokens"] < 4000
+
+
+def test_sigterm_stops_a_busy_server(server):
+    """Ctrl-C/SIGTERM while a generation runs: the stream ends with an error event, and the process
+    exits without waiting out uvicorn's graceful-shutdown timeout (which would log a traceback)."""
+    own = LiveServer(shared("model_dir"))
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "stream": True, "logit_bias": {str(EOS): -100}}
+        with httpx.Client(timeout=60) as http, http.stream("POST", own.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            own.proc.terminate()
+            rest = [json.loads(line[5:]) for line in lines if line.startswith("data:") and "[DONE]" not in line]
+        assert rest[-1]["error"]["code"] == "shutting_down"
+        assert own.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert "Traceback" not in "".join(own.log), "".join(own.log)
+    finally:
+        own.stop()

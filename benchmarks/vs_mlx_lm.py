@@ -100,9 +100,11 @@ class Runner:
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
+        cpu = time.process_time()
         t = time_generation(self._step(ids, decode_tokens + 1), len(ids), decode_tokens)
+        cpu = time.process_time() - cpu  # all threads of this process: less sensitive to other jobs
         peak = mx.get_peak_memory() - base + self.weights
-        return {"prefill_s": t.prefill_s, "decode_s": t.decode_s, "prefill_tps": t.prefill_tps,
+        return {"prefill_s": t.prefill_s, "decode_s": t.decode_s, "cpu_s": cpu, "prefill_tps": t.prefill_tps,
                 "decode_tps": t.decode_tps, "peak_gb": peak / 1e9}
 
 
@@ -234,14 +236,15 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for res in results:
+    for color, res in enumerate(results):  # one colour per quantization, solid = this package
         for name, style in (("mlx-mixtral", "-"), ("mlx-lm", "--")):
             cases = [c for c in res["cases"] if name in c]
             if not cases:
                 continue
             x = [c["prompt_tokens"] for c in cases]
             for ax, metric in zip(axes, ("prefill", "decode")):
-                ax.plot(x, [c[name][f"{metric}_tps"] for c in cases], style, marker="o", label=f"{name} {res['quant']}")
+                ax.plot(x, [c[name][f"{metric}_tps"] for c in cases], style, color=f"C{color}", marker="o",
+                        label=f"{name} {res['quant']}")
     for ax, metric in zip(axes, ("prefill", "decode")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

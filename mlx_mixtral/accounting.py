@@ -96,18 +96,13 @@ def _consumers(g: Graph, array: str) -> list[str]:
     return found
 
 
+# Parameter name fragment -> what it is, first match wins (HF / mlx-lm names).
+_KINDS = [("embed_tokens", "embedding"), ("switch_mlp", "experts"), (".experts.", "experts"), ("lm_head", "lm_head"),
+          ("block_sparse_moe.gate", "router"), ("self_attn", "attention"), (".mlp.", "dense mlp"), ("norm", "norms")]
+
+
 def _kind(name: str) -> str:
-    if "embed_tokens" in name:
-        return "embedding"
-    if "switch_mlp" in name or ".experts." in name:
-        return "experts"
-    if "lm_head" in name:
-        return "lm_head"
-    if "block_sparse_moe.gate" in name:
-        return "router"
-    if "self_attn" in name:
-        return "attention"
-    return "norms"
+    return next((kind for fragment, kind in _KINDS if fragment in name), "other")
 
 
 @dataclass
@@ -131,6 +126,7 @@ def weight_reads(g: Graph, params: dict[str, mx.array], *, tokens: int, top_k: i
     dimension E). Every other primitive that consumes a parameter reads all of it, once per
     primitive: an `AsType` of a weight or an ungathered expert matmul shows up as extra bytes.
     """
+    num_experts = max(num_experts, 1)  # dense models have no experts
     expert_rows = min(tokens * top_k, num_experts)
     read, minimum = Counter(), Counter()
     full_of_gathered = []

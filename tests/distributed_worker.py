@@ -1,6 +1,7 @@
 """One rank of the distributed tests, started by `mlx.launch` (or by hand with MLX_RANK/MLX_HOSTFILE).
 
-    python distributed_worker.py OUT_DIR MODEL_DIR[,MODEL_DIR_OF_RANK_1,...] [--steps N] [--die RANK:ITEMS] [--hang RANK:ITEMS] [--diverge]
+    python distributed_worker.py OUT_DIR MODEL_DIR[,MODEL_DIR_OF_RANK_1,...] [--steps N]
+        [--die RANK:ITEMS] [--hang RANK:ITEMS] [--diverge]
 
 Loads this rank's shard of the model, then rank 0 leads a greedy request that its consumer stops
 early, one that fails on every rank, one that checks the ranks agree on tokens (`--diverge` makes

@@ -133,6 +133,7 @@ def test_native_layout_is_refused_clearly(tmp_path):
 
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
                                                       "hidden_dim": 96, "vocab_size": 128, "norm_eps": 1e-5}))
-    mx.save_safetensors(str(tmp_path / "consolidated.safetensors"), {"layers.0.attention.wq.weight": mx.zeros((64, 64))})
+    mx.save_safetensors(str(tmp_path / "consolidated.safetensors"),
+                        {"layers.0.attention.wq.weight": mx.zeros((64, 64))})
     with pytest.raises(LoadError, match=r"Mistral-native tensor names .*convert it first with `mlx-mixtral convert`"):
         plan_for_dir(tmp_path, 2)

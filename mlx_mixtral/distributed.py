@@ -12,7 +12,8 @@ Failures end every rank with a one-line message instead of a hang:
   DistributedError ("lost the connection ...");
 - a rank that stops answering without closing them (machine off, cable out) is caught by a
   watchdog that ends this process after `MLX_MIXTRAL_DIST_TIMEOUT` seconds (default 300) of one
-  step, exit code 3;
+  step (ten times that for a request's first step, which includes the prompt's prefill), exit
+  code 3;
 - different model directories (or package versions) on different ranks are found at start by
   exchanging digests.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -42,6 +44,7 @@ T = TypeVar("T")
 TIMEOUT_ENV = "MLX_MIXTRAL_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
 EXIT_TIMEOUT = 3
+FIRST_STEP_FACTOR = 10  # the first item of a request (prompt prefill) may take this many timeouts
 _STOP = 0  # lock-step flag: rank 0 will not ask for another item
 _END = object()
 # Errors the communication backends raise when a peer is gone, e.g. "[ring] connection to a peer was lost".
@@ -73,12 +76,13 @@ class Watchdog:
     def __init__(self, rank: int, timeout: float):
         self.rank, self.timeout = rank, timeout
         self._deadline: float | None = None
-        self._what = ""
+        self._what, self._limit = "", timeout
         threading.Thread(target=self._watch, daemon=True, name="mlx-mixtral-watchdog").start()
 
     @contextlib.contextmanager
-    def armed(self, what: str):
-        self._what, self._deadline = what, time.monotonic() + self.timeout
+    def armed(self, what: str, factor: float = 1.0):
+        self._what, self._limit = what, self.timeout * factor
+        self._deadline = time.monotonic() + self._limit
         try:
             yield
         finally:
@@ -89,7 +93,7 @@ class Watchdog:
             time.sleep(min(1.0, self.timeout / 4))
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                os.write(2, (f"mlx-mixtral: rank {self.rank}: no answer from the other ranks for {self.timeout:g} s "
+                os.write(2, (f"mlx-mixtral: rank {self.rank}: no answer from the other ranks for {self._limit:g} s "
                              f"while {self._what}; stopping (a rank hung or its machine is unreachable; "
                              f"{TIMEOUT_ENV} sets the limit)\n").encode())
                 os._exit(EXIT_TIMEOUT)
@@ -244,16 +248,19 @@ def _flag(group: mx.distributed.Group, value: int, watchdog: Watchdog) -> int:
         return int(_sum_int32(group, np.array([value]), "agreeing on the next step")[0])
 
 
-def _next(it: Iterator[T], group: mx.distributed.Group, watchdog: Watchdog) -> T:
-    with watchdog.armed("generating"):
-        return _collective("generating", group.rank(), lambda: next(it))
+def _next(it: Iterator[T], group: mx.distributed.Group, watchdog: Watchdog, first: bool) -> T:
+    # The first item of a request includes the prompt's whole prefill, which may legitimately take
+    # many times longer than a decode step; a hang is still caught, only later.
+    what = "processing the prompt" if first else "generating"
+    with watchdog.armed(what, FIRST_STEP_FACTOR if first else 1.0):
+        return _collective(what, group.rank(), lambda: next(it))
 
 
 def _lead(group, it, token_of, watchdog):
     try:
-        while True:
+        for n in itertools.count():
             try:
-                item = _next(it, group, watchdog)
+                item = _next(it, group, watchdog, first=n == 0)
             except StopIteration:
                 break
             yield item
@@ -269,10 +276,10 @@ def _lead(group, it, token_of, watchdog):
 
 def _follow(group, it, token_of, watchdog):
     rank = group.rank()
-    while True:
+    for n in itertools.count():
         failure = None
         try:
-            item = _next(it, group, watchdog)
+            item = _next(it, group, watchdog, first=n == 0)
         except StopIteration:
             item = _END
         except DistributedError:

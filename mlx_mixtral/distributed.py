@@ -215,13 +215,22 @@ def share_request(group: mx.distributed.Group, request: dict[str, Any] | None) -
     ranks pass anything and wait here, without a time limit, until rank 0 has one."""
     rank = group.rank()
     data = json.dumps(request).encode() if rank == 0 else b""
-    n = int(_sum_int32(group, np.array([len(data)]), "receiving a request")[0])
-    words = -(-n // 4)
-    payload = np.zeros(words, np.int32)
-    if rank == 0:
-        payload[:] = np.frombuffer(data.ljust(words * 4, b"\0"), np.int32)
-    payload = _sum_int32(group, payload, "receiving a request")  # others add zeros: exact
+    # Rank 0 expects the others to be waiting already; they wait for rank 0 as long as it takes.
+    guard = _watchdog(rank).armed("sending a request") if rank == 0 else contextlib.nullcontext()
+    with guard:
+        n = int(_sum_int32(group, np.array([len(data)]), "receiving a request")[0])
+        words = -(-n // 4)
+        payload = np.zeros(words, np.int32)
+        if rank == 0:
+            payload[:] = np.frombuffer(data.ljust(words * 4, b"\0"), np.int32)
+        payload = _sum_int32(group, payload, "receiving a request")  # others add zeros: exact
     return json.loads(payload.tobytes()[:n])
+
+
+def barrier(group: mx.distributed.Group, what: str) -> None:
+    """Wait, without a time limit, until every rank got here (e.g. finished loading)."""
+    if group.size() > 1:
+        _sum_int32(group, np.array([1]), what)
 
 
 def lockstep(group: mx.distributed.Group, items: Iterable[T], token_of: Callable[[T], int | None] | None = None,

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from .chat import ChatSession
-from .distributed import check_same_model, follow, init_group, lead, release_followers
+from .distributed import barrier, check_same_model, follow, init_group, lead, release_followers
 from .generate import GenerationResponse, _prompt_ids, stream_generate
 from .loader import resolve_model_dir
 from .prefix_cache import PrefixCache
@@ -83,7 +83,10 @@ class DistributedModel:
         model_dir = resolve_model_dir(path_or_repo)
         check_same_model(group, model_dir)
         model = load_sharded(model_dir, group, dtype=dtype)
-        return cls(group, model, load_tokenizer(model_dir), model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        # Ranks load at their own disks' speed; requests (which have time limits) start after the slowest.
+        barrier(group, "waiting for every rank to load its part")
+        return cls(group, model, tokenizer, model_dir)
 
     @property
     def is_leader(self) -> bool:

@@ -54,24 +54,22 @@ class Repl:
     def run(self) -> int:
         _say(f"Chatting with {self.args.model}. /help for commands, Ctrl-C stops an answer, /quit leaves.")
         while True:
+            # Outside an answer Ctrl-C raises KeyboardInterrupt as usual (at the prompt, or while
+            # a command runs); it never ends the program.
             try:
                 sys.stderr.write("> ")
                 sys.stderr.flush()
-                line = input()
+                text = input().strip()
+                if text.startswith("/"):
+                    if self.command(text) == "quit":
+                        return 0
+                elif text:
+                    self.answer(text)
             except EOFError:
                 _say("")
                 return 0
             except KeyboardInterrupt:
                 _say("\n(/quit or Ctrl-D to leave)")
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            if text.startswith("/"):
-                if self.command(text) == "quit":
-                    return 0
-                continue
-            self.answer(line)
 
     def command(self, text: str) -> str | None:
         name, _, arg = text.partition(" ")

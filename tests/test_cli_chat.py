@@ -158,10 +158,13 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(babbler, tmp_path):
         term.type("\x03")  # Ctrl-C, delivered by the terminal as SIGINT
         term.expect(r"\(stopped\)\n> $")
         term.type(f"/save {tmp_path / 'chat.safetensors'}\n")  # the partial answer is in the conversation
-        term.expect(r"\(saved 2 messages")
+        term.expect(r"\(saved 2 messages.*\n> $")
         term.type("\x03")  # at the prompt Ctrl-C does not quit either
-        term.expect(r"/quit or Ctrl-D")
-        term.type("\x04")  # Ctrl-D leaves
+        term.expect(r"/quit or Ctrl-D to leave\)\n> $")
+        # Ctrl-D leaves. It is a line-discipline event, not a character: typed before input()
+        # has switched the terminal to readline's mode it would be lost, so give it a moment.
+        time.sleep(0.5)
+        term.type("\x04")
         assert term.wait() == 0
     finally:
         term.kill()

@@ -13,10 +13,11 @@ its cache in place), so one cache never serves two requests; only the worker thr
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from .cache import Cache, KVCache
 from .chat import common_prefix_length, reuse_cache
+from .generate import GenerationResponse, stream_generate
 
 
 def held_ids(cache: list[Cache], fed: list[int]) -> list[int] | None:
@@ -38,6 +39,7 @@ class PrefixCache:
         self.capacity = capacity
         self._entries: OrderedDict[int, tuple[list[int], list[Cache]]] = OrderedDict()  # oldest first
         self._next_key = 0
+        self.cached_tokens = 0  # prompt tokens the latest `stream` found cached
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -63,6 +65,22 @@ class PrefixCache:
         if kept < 0:  # a sliding-window cache that already dropped what the shorter prefix needs
             return self.make_cache(), 0
         return cache, kept
+
+    def stream(self, model: Any, tokenizer: Any, ids: list[int], **options: Any) -> Iterator[GenerationResponse]:
+        """`stream_generate` for the prompt `ids` through this cache: take the best cached prefix,
+        generate the rest, put the cache back, also when the consumer stops early (what went
+        through the cache is still valid) but not after a failure. `cached_tokens` is set before
+        the first response."""
+        cache, self.cached_tokens = self.take(ids)
+        fed = list(ids)
+        try:
+            for response in stream_generate(model, tokenizer, ids[self.cached_tokens:], cache=cache, **options):
+                fed.append(response.token)
+                yield response
+        except GeneratorExit:
+            self.put(cache, fed)
+            raise
+        self.put(cache, fed)
 
     def put(self, cache: list[Cache], fed: list[int]) -> None:
         """Keep `cache` after `fed` went through it, evicting the least recently used entries."""

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import socket
+import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 
 from .server_app import LOOPBACK_HOSTS, Settings, create_app
-from .server_worker import Worker
+from .server_worker import DistributedEngine, Engine, LocalEngine, Worker
 
 API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
 
@@ -52,6 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chat-template", default=None, help="mistral-v1, mistral-v3, jinja or Jinja source "
                                                          "(default: chosen from the tokenizer)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the model over the processes of `mlx.launch`; rank 0 serves, the others follow")
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
@@ -77,27 +81,70 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _load_engine(args: argparse.Namespace) -> Callable[[], Engine]:
+    def load_engine() -> Engine:
+        if args.distributed:
+            from .distributed_model import DistributedModel
+
+            return DistributedEngine(DistributedModel.start(args.model), max_kv_size=args.max_kv_size,
+                                     prompt_cache_size=args.prompt_cache_size)
+        from .loader import load
+
+        model, tokenizer = load(args.model)
+        return LocalEngine(model, tokenizer, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
+
+    return load_engine
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from .loader import load
+    sock = None
+    if not args.distributed:  # a taken port fails before minutes of loading (ranks bind once loaded)
+        try:
+            sock = _bind(args.host, args.port)
+        except OSError as e:
+            print(f"mlx-mixtral serve: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
+            return 1
+    status = _serve(args, sock)
+    # Once a model was loaded on the worker thread, MLX (0.32.4 here) can abort while the interpreter
+    # tears down ("terminate called without an active exception"; a model loaded on a second thread
+    # hits it in about half of the runs, server or not). Everything is flushed and shut down by now,
+    # so leave without that teardown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as e:
-        print(f"mlx-mixtral serve: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
-        return 1
+
+def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
+    """Load, then serve until Ctrl-C/SIGTERM (rank 0), or follow rank 0 (the other ranks)."""
     print(f"loading {args.model} ...", file=sys.stderr)
+    errors: tuple[type[Exception], ...] = (ValueError, OSError)  # LoadError, TokenizerError, ConfigError
+    if args.distributed:
+        from .distributed import DistributedError
+
+        errors += (DistributedError,)
     try:
-        worker = Worker(lambda: load(args.model), max_kv_size=args.max_kv_size,
-                        prompt_cache_size=args.prompt_cache_size)
-    except (ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
+        worker = Worker(_load_engine(args))
+    except errors as e:
         print(f"mlx-mixtral serve: {e}", file=sys.stderr)
         return 1
+    if not worker.is_leader:  # ranks 1..N-1 follow rank 0's generations until it closes
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to act on
+        return worker.wait()
     try:  # a bad --chat-template fails here, not in every request
         worker.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, args.chat_template)
     except ValueError as e:
         print(f"mlx-mixtral serve: --chat-template: {e}", file=sys.stderr)
+        worker.stop()
         return 1
+    if sock is None:
+        try:
+            sock = _bind(args.host, args.port)
+        except OSError as e:
+            print(f"mlx-mixtral serve: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
+            worker.stop()
+            return 1
     settings = Settings(
         model_id=args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors_origin,
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
@@ -113,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
           f"API at http://{shown}:{port}/v1", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and args.api_key is None:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr)
-    _Server(config, worker).run(sockets=[sock])
+    server = _Server(config, worker)
+    worker.on_fatal = lambda: setattr(server, "should_exit", True)  # e.g. a rank of the group died
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        return 130
+    if worker.fatal_error is not None:
+        print(f"mlx-mixtral serve: {worker.fatal_error}", file=sys.stderr)
+        return 1
     return 0
 
 

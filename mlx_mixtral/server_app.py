@@ -248,7 +248,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": settings.model_id, "busy": worker.busy, "queued": worker.queued,
-                **worker.stats, "prompt_cache_entries": len(worker.prompt_cache)}
+                **worker.stats, "prompt_cache_entries": worker.engine.cache_entries()}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:

@@ -215,4 +215,5 @@ class Health(BaseModel):
     cancelled: int = Field(..., description="generations stopped because their client went away")
     failed: int
     generated_tokens: int
-    prompt_cache_entries: int
+    prompt_cache_entries: Optional[int] = Field(..., description="conversations kept in the prefix cache "
+                                                                 "(null with --distributed)")

@@ -1,10 +1,11 @@
 """The server's one generation worker: a thread that runs queued generations one at a time.
 
 Requests arrive on the event loop; each becomes a `Job` in a FIFO queue, so jobs run in arrival
-order and two generations never share the device (or the model's caches). The worker drives
-`stream_generate` and hands every `GenerationResponse` back to the job's event loop; a job whose
-client went away is cancelled between two tokens, which frees the worker for the next one. All MLX
-work happens on this thread, loading the model included.
+order and two generations never share the device (or the model's caches). The worker drives an
+`Engine` (generation through a prefix cache, in this process or on every rank of an `mlx.launch`
+group) and hands every `GenerationResponse` back to the job's event loop; a job whose client went
+away is cancelled between two tokens, which frees the worker for the next one. All MLX work happens
+on this thread, loading the model included.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
-from .generate import GenerationResponse, stream_generate
+from .generate import GenerationResponse
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -53,26 +54,116 @@ class Job:
             self.cancel()
 
 
+class Engine(Protocol):
+    """What the worker drives: the model (for its `args`), its tokenizer, and generation."""
+
+    model: Any
+    tokenizer: Any
+    is_leader: bool  # False on the follower ranks of a distributed group: they only `follow`
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the latest `stream` found cached (known once it yielded)."""
+        ...
+
+    def stream(self, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]: ...
+
+    def cache_entries(self) -> int | None: ...
+
+    def follow(self) -> int: ...
+
+    def fatal(self, error: BaseException) -> bool:
+        """Whether a generation error leaves the engine unusable (a distributed group that broke)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalEngine:
+    """One process: `stream_generate` through a `PrefixCache`."""
+
+    is_leader = True
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_kv_size: int | None = None, prompt_cache_size: int = 4):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_cache = PrefixCache(lambda: model.make_cache(max_kv_size), prompt_cache_size)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prompt_cache.cached_tokens
+
+    def stream(self, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        return self.prompt_cache.stream(self.model, self.tokenizer, ids, **options)
+
+    def cache_entries(self) -> int | None:
+        return len(self.prompt_cache)
+
+    def follow(self) -> int:
+        raise RuntimeError("a single-process engine has no leader to follow")
+
+    def fatal(self, error: BaseException) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class DistributedEngine:
+    """A model sharded over an `mlx.launch` group (`DistributedModel`): rank 0's worker drives the
+    same prefix cache and generation on every rank; the other ranks follow and serve no HTTP."""
+
+    def __init__(self, dm: Any, *, max_kv_size: int | None = None, prompt_cache_size: int = 4):
+        self.dm, self.model, self.tokenizer, self.is_leader = dm, dm.model, dm.tokenizer, dm.is_leader
+        self.broken = False
+        self._cache = dm.prefix_cache(prompt_cache_size, max_kv_size) if dm.is_leader else None
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cache.cached_tokens
+
+    def stream(self, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        return self._cache.stream(ids, **options)
+
+    def cache_entries(self) -> int | None:
+        return None  # each rank holds its own part; rank 0 does not count them
+
+    def follow(self) -> int:
+        return self.dm.follow()
+
+    def fatal(self, error: BaseException) -> bool:
+        from .distributed import DistributedError
+
+        self.broken = self.broken or isinstance(error, DistributedError)
+        return self.broken
+
+    def close(self) -> None:
+        if not self.broken:  # a broken group cannot be released
+            self.dm.close()
+
+
 class Worker:
     """Loads the model on its own thread, then serves jobs there. MLX streams belong to the thread
     that made them (since mlx 0.31.2), so the weights, caches and every graph of the model are made
-    and evaluated on this one thread; only plain Python values cross to the event loop."""
+    and evaluated on this one thread; only plain Python values cross to the event loop. On a
+    follower rank the thread follows rank 0 instead (see `wait`)."""
 
-    def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_kv_size: int | None = None,
-                 prompt_cache_size: int = 4):
+    def __init__(self, load: Callable[[], Engine]):
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self.exit_status = 0
+        self.fatal_error: BaseException | None = None  # what made the engine unusable, if anything
+        self.on_fatal: Callable[[], None] = lambda: None  # the server sets this to stop itself
         self._stopping = False
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(load, max_kv_size, prompt_cache_size),
-                                        name="mlx-mixtral-generation", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(load,), name="mlx-mixtral-generation", daemon=True)
         self._thread.start()
         self._loaded.wait()
         if self._load_error is not None:
             raise self._load_error
+        self.model, self.tokenizer, self.is_leader = self.engine.model, self.engine.tokenizer, self.engine.is_leader
 
     @property
     def queued(self) -> int:
@@ -97,45 +188,58 @@ class Worker:
         self.shut_down()
         self._thread.join(timeout=5)
 
-    def _run(self, load: Callable[[], tuple[Any, Any]], max_kv_size: int | None, prompt_cache_size: int) -> None:
+    def wait(self) -> int:
+        """A follower rank: wait until rank 0 releases it; its exit status."""
+        self._thread.join()
+        return self.exit_status
+
+    def _run(self, load: Callable[[], Engine]) -> None:
         try:
-            self.model, self.tokenizer = load()
-            self.prompt_cache = PrefixCache(lambda: self.model.make_cache(max_kv_size), prompt_cache_size)
+            self.engine = load()
         except BaseException as e:  # raised again by __init__ on the caller's thread
             self._load_error = e
             return
         finally:
             self._loaded.set()
-        while (job := self._jobs.get()) is not None or not self._jobs.empty():
-            if job is None:  # a shut_down sentinel: the jobs behind it are refused too
-                continue
-            if job.cancelled.is_set() or self._stopping:  # its client left while it waited
-                self.stats["cancelled"] += 1
-                job.emit(Finished(ShuttingDown() if self._stopping else None))
-                continue
-            self.busy = True
-            try:
-                self._serve(job)
-            finally:
-                self.busy = False
+        if not self.engine.is_leader:
+            self.exit_status = self.engine.follow()
+            return
+        try:
+            while (job := self._jobs.get()) is not None or not self._jobs.empty():
+                if job is None:  # a shut_down sentinel: the jobs behind it are refused too
+                    continue
+                if job.cancelled.is_set() or self._stopping:  # its client left while it waited
+                    self.stats["cancelled"] += 1
+                    job.emit(Finished(ShuttingDown() if self._stopping else None))
+                    continue
+                self.busy = True
+                try:
+                    self._serve(job)
+                finally:
+                    self.busy = False
+        finally:
+            self.engine.close()
 
     def _serve(self, job: Job) -> None:
-        cache, kept = self.prompt_cache.take(job.ids)
-        job.cached_tokens = kept
-        fed = list(job.ids)
+        stream = self.engine.stream(job.ids, job.options)
         try:
-            for response in stream_generate(self.model, self.tokenizer, job.ids[kept:], cache=cache, **job.options):
-                fed.append(response.token)
+            for response in stream:
+                job.cached_tokens = self.engine.cached_tokens
                 self.stats["generated_tokens"] += 1
                 job.emit(response)
                 if job.cancelled.is_set() or self._stopping:
                     break
-        except Exception as e:  # reported to the client; the worker keeps serving
-            log.exception("generation failed")
+        except Exception as e:  # reported to the client; the worker keeps serving unless it cannot
             self.stats["failed"] += 1
             job.emit(Finished(e))
+            if self.engine.fatal(e):
+                self.fatal_error = e
+                self.shut_down()
+                self.on_fatal()
+            else:
+                log.exception("generation failed")
             return
-        # A cancelled generation still leaves a valid cache (prompt + the tokens it produced).
-        self.prompt_cache.put(cache, fed)
+        finally:
+            stream.close()  # a stopped generation puts its cache back now, before the next job
         self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
         job.emit(Finished(ShuttingDown() if self._stopping else None))

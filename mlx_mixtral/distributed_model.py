@@ -69,7 +69,6 @@ class DistributedModel:
         self._sessions: dict[int, ChatSession] = {}
         self._session_ids = itertools.count()
         self._prefix_caches: dict[int, PrefixCache] = {}
-        self.cached_tokens = 0  # prompt tokens the latest `DistributedPrefixCache.stream` found cached
         self._handlers = {"generate": self._generate, "chat.open": self._chat_open,
                           "chat.stream": self._chat_stream, "chat.reset": self._chat_reset,
                           "prefix.open": self._prefix_open, "prefix.stream": self._prefix_stream}
@@ -158,20 +157,9 @@ class DistributedModel:
         return iter(())
 
     def _prefix_stream(self, request: dict[str, Any]) -> Iterator[GenerationResponse]:
-        """Take the best cached prefix, generate the rest, put the cache back (not after a failure),
-        exactly as the server's single-process worker does; every rank makes the same choices."""
-        prefix_cache, ids = self._prefix_caches[request["id"]], request["ids"]
-        cache, self.cached_tokens = prefix_cache.take(ids)
-        fed = list(ids)
-        try:
-            for response in stream_generate(self.model, self.tokenizer, ids[self.cached_tokens:], cache=cache,
-                                            **_decode_options(request["options"])):
-                fed.append(response.token)
-                yield response
-        except GeneratorExit:  # stopped early (client gone): what went through the cache is still valid
-            prefix_cache.put(cache, fed)
-            raise
-        prefix_cache.put(cache, fed)  # a failure skips this, as in the server's worker
+        """The server's take / generate / put back (`PrefixCache.stream`); every rank makes the same choices."""
+        prefix_cache = self._prefix_caches[request["id"]]
+        return prefix_cache.stream(self.model, self.tokenizer, request["ids"], **_decode_options(request["options"]))
 
 
 def _token_or_none(item: Any) -> int | None:
@@ -217,7 +205,7 @@ class DistributedPrefixCache:
     @property
     def cached_tokens(self) -> int:
         """Prompt tokens the latest `stream` found in the cache (known once it yielded once)."""
-        return self._dm.cached_tokens
+        return self._dm._prefix_caches[self._sid].cached_tokens
 
     def stream(self, ids: Sequence[int], **options: Any) -> Iterator[GenerationResponse]:
         request = {"op": "prefix.stream", "id": self._sid, "ids": [int(t) for t in ids],

@@ -162,7 +162,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(babbler, tmp_path):
         term.type("\x03")  # at the prompt Ctrl-C does not quit either
         term.expect(r"/quit or Ctrl-D to leave\)\n> $")
         # Ctrl-D leaves. It is a line-discipline event, not a character: typed before input()
-        # has switched the terminal to readline's mode it would be lost, so give it a moment.
+        # has switched the terminal to readline's mode it would be lost.
         time.sleep(0.5)
         term.type("\x04")
         assert term.wait() == 0

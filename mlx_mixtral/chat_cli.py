@@ -8,9 +8,11 @@ reminds how to leave. Commands: /reset, /system [TEXT], /save FILE, /load FILE, 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from .generate_cli import add_sampling_args, format_stats, generation_options, load_for_cli
@@ -38,6 +40,45 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class PromptInterrupts:
+    """Make Ctrl-C at the prompt interrupt `input()` at once.
+
+    A process-wide SIGINT goes to whichever thread does not block it. When one of MLX's worker
+    threads takes it, Python notes the signal, but the main thread sleeps on in readline's
+    select() until the next key press. Python also writes every signal's number to a wakeup
+    fd; a helper thread reads it and, while the main thread waits at the prompt, pokes it with
+    SIGUSR1 (whose handler does nothing) so select() returns EINTR and readline runs the
+    pending SIGINT handler, i.e. raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.reading = threading.Event()  # the main thread is (about to be) inside input()
+        self.pending = threading.Event()  # a SIGINT arrived that input() has not raised yet
+        self._main = threading.main_thread().ident
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_end,), daemon=True, name="prompt-interrupts").start()
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            if signal.SIGINT not in os.read(fd, 512):
+                continue
+            self.pending.set()
+            while self.pending.is_set() and self.reading.is_set():
+                signal.pthread_kill(self._main, signal.SIGUSR1)
+                time.sleep(0.05)
+
+    def read_line(self) -> str:
+        self.pending.clear()
+        self.reading.set()
+        try:
+            return input()
+        finally:
+            self.reading.clear()
+            self.pending.clear()
+
+
 class Repl:
     def __init__(self, args: argparse.Namespace, model: Any, tokenizer: Any, dm: Any, options: dict[str, Any]):
         self.args, self.model, self.tokenizer, self.dm = args, model, tokenizer, dm
@@ -50,6 +91,7 @@ class Repl:
             self.session = ChatSession(model, tokenizer, **session_args, **options)
         self.options = options
         self.interrupted = threading.Event()
+        self.prompt = PromptInterrupts()
 
     def run(self) -> int:
         _say(f"Chatting with {self.args.model}. /help for commands, Ctrl-C stops an answer, /quit leaves.")
@@ -59,7 +101,7 @@ class Repl:
             try:
                 sys.stderr.write("> ")
                 sys.stderr.flush()
-                text = input().strip()
+                text = self.prompt.read_line().strip()
                 if text.startswith("/"):
                     if self.command(text) == "quit":
                         return 0

@@ -67,6 +67,12 @@ def test_generate_errors_are_one_line(memorized, args, code, words):
     assert len(lines) == 1 and words in lines[0] and lines[0].startswith("mlx-mixtral generate: error:")
 
 
+def test_chat_with_piped_input_answers_on_stdout_and_ends_at_eof(memorized):
+    r = _run("chat", "--model", str(memorized), stdin=f"{TRANSCRIPT[0]['content']}\n{TRANSCRIPT[2]['content']}\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{TRANSCRIPT[1]['content']}\n{TRANSCRIPT[3]['content']}\n"  # prompts go to stderr
+
+
 # --- chat in a pseudo-terminal --------------------------------------------------------------------
 class Terminal:
     """A child process on a pty, read like a person watching the screen."""
@@ -109,7 +115,7 @@ class Terminal:
                     self.seen += os.read(self.fd, 65536).decode("utf-8", "replace")
             except OSError:
                 time.sleep(0.1)
-        raise AssertionError("the chat did not exit")
+        raise AssertionError(f"the chat did not exit; screen after last match:\n{self.seen[self.pos:][-3000:]}")
 
     def kill(self):
         try:
@@ -161,10 +167,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(babbler, tmp_path):
         term.expect(r"\(saved 2 messages.*\n> $")
         term.type("\x03")  # at the prompt Ctrl-C does not quit either
         term.expect(r"/quit or Ctrl-D to leave\)\n> $")
-        # Ctrl-D leaves. It is a line-discipline event, not a character: typed before input()
-        # has switched the terminal to readline's mode it would be lost.
-        time.sleep(0.5)
-        term.type("\x04")
+        term.type("/quit\n")
         assert term.wait() == 0
     finally:
         term.kill()

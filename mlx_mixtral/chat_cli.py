@@ -48,11 +48,14 @@ class PromptInterrupts:
     select() until the next key press. Python also writes every signal's number to a wakeup
     fd; a helper thread reads it and, while the main thread waits at the prompt, pokes it with
     SIGUSR1 (whose handler does nothing) so select() returns EINTR and readline runs the
-    pending SIGINT handler, i.e. raises KeyboardInterrupt."""
+    pending SIGINT handler, i.e. raises KeyboardInterrupt.
+
+    The flags are plain attributes, not threading.Event: a KeyboardInterrupt raised inside an
+    Event method can leave its lock held, and the next prompt would then hang."""
 
     def __init__(self):
-        self.reading = threading.Event()  # the main thread is (about to be) inside input()
-        self.pending = threading.Event()  # a SIGINT arrived that input() has not raised yet
+        self.reading = False  # the main thread is (about to be) inside input()
+        self.pending = False  # a SIGINT arrived that input() has not raised yet
         self._main = threading.main_thread().ident
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
@@ -64,19 +67,17 @@ class PromptInterrupts:
         while True:
             if signal.SIGINT not in os.read(fd, 512):
                 continue
-            self.pending.set()
-            while self.pending.is_set() and self.reading.is_set():
+            self.pending = True
+            while self.pending and self.reading:
                 signal.pthread_kill(self._main, signal.SIGUSR1)
                 time.sleep(0.05)
 
     def read_line(self) -> str:
-        self.pending.clear()
-        self.reading.set()
+        self.pending, self.reading = False, True
         try:
             return input()
         finally:
-            self.reading.clear()
-            self.pending.clear()
+            self.reading = self.pending = False
 
 
 class Repl:
@@ -90,7 +91,7 @@ class Repl:
 
             self.session = ChatSession(model, tokenizer, **session_args, **options)
         self.options = options
-        self.interrupted = threading.Event()
+        self.interrupted = False  # set by the SIGINT handler during an answer (a bool: no lock to leak)
         self.prompt = PromptInterrupts()
 
     def run(self) -> int:
@@ -157,15 +158,15 @@ class Repl:
     def answer(self, text: str) -> None:
         """Stream one answer; SIGINT only raises a flag here, so the stream is closed between
         tokens and the session stays consistent."""
-        self.interrupted.clear()
-        previous = signal.signal(signal.SIGINT, lambda *_: self.interrupted.set())
+        self.interrupted = False
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "interrupted", True))
         last = None
         try:
             stream = self.session.stream(text)
             for last in stream:
                 sys.stdout.write(last.text)
                 sys.stdout.flush()
-                if self.interrupted.is_set():
+                if self.interrupted:
                     break
             stream.close()
         except ValueError as e:  # ContextLimitError and the like: the turn did not happen
@@ -175,7 +176,7 @@ class Repl:
             signal.signal(signal.SIGINT, previous)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if self.interrupted.is_set():
+        if self.interrupted:
             _say("(stopped)")
         elif last is not None and last.finish_reason == "length":
             _say("(answer cut at the token limit)")

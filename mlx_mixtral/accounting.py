@@ -215,13 +215,17 @@ def prefill_cache(model: Any, cache: list, length: int) -> list:
     return cache
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.2f} KB"
+
+
 def describe(account: DecodeAccount) -> list[str]:
     """Lines for a report (the caller prints them)."""
     w = account.weights
     lines = [f"weight bytes read per decode token: {w.bytes_read / 1e6:.2f} MB, minimum {w.minimum / 1e6:.2f} MB, "
              f"ratio {w.ratio:.3f}"]
     for kind, (got, least) in w.by_kind.items():
-        lines.append(f"  {kind:<10} {got / 1e6:9.3f} MB  (minimum {least / 1e6:9.3f} MB)")
+        lines.append(f"  {kind:<10} {_size(got):>10}  (minimum {_size(least)})")
     for item in w.full_reads_of_gathered:
         lines.append(f"  read in full although gathered: {item}")
     lines.append(f"primitives per decode step: {account.primitives}, per layer: {account.primitives_per_layer}")

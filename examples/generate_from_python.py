@@ -27,7 +27,8 @@ def main() -> int:
         return 1
 
     # 1. Plain text in, text out (greedy). A str prompt is encoded with BOS; pass ids to control it.
-    print("[greedy]", generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens))
+    # The completion continues the prompt's text, word-boundary space included.
+    print(f"[greedy] {args.prompt}{generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens)}")
 
     # 2. An instruct model wants its chat template: apply it and pass the token ids.
     ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)

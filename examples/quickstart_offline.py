@@ -56,7 +56,8 @@ def main() -> int:
     model, tokenizer = load(mlx_dir)
     print(f"3. loaded: {model.args.num_hidden_layers} layers, {model.args.num_local_experts} experts, "
           f"tokenizer {tokenizer.chat_template_name}", file=sys.stderr)
-    print("generate:", generate(model, tokenizer, "The capital of France is", max_tokens=16))
+    prompt = "The capital of France is"
+    print(f"generate: {prompt}{generate(model, tokenizer, prompt, max_tokens=16)}")
 
     chat = ChatSession(model, tokenizer, system="You are concise.", max_tokens=16)
     for question in ["Hello, who are you?", "What can you do?"]:

@@ -97,6 +97,7 @@ class DistributedModel:
     # --- rank 0 ---------------------------------------------------------------------------
     def stream_generate(self, prompt: str | Sequence[int] | mx.array, **options: Any) -> Iterator[GenerationResponse]:
         """`generate.stream_generate` on every rank; the responses come out on rank 0."""
+        options.setdefault("continuation", isinstance(prompt, str))  # decided before the text becomes ids
         request = {"op": "generate", "prompt": _prompt_ids(self.tokenizer, prompt),
                    "options": _seeded(_encode_options(options))}
         return lead(self.group, request, self._handlers, _token_or_none)

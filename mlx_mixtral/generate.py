@@ -157,9 +157,14 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx
                     repetition_context_size: int | None = 20, logit_bias: dict[int, float] | None = None,
                     seed: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
                     cache: list[Cache] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    sampler: Sampler | None = None,
-                    logits_processors: Sequence[LogitsProcessor] | None = None) -> Iterator[GenerationResponse]:
+                    sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
+                    continuation: bool | None = None) -> Iterator[GenerationResponse]:
     """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
+
+    `continuation` keeps the first token's word-boundary space (" mat" after "The cat sat on the"),
+    as text that continues the prompt needs; without it the answer is decoded as a text of its
+    own, as a chat answer after [/INST] is ("Hello", not " Hello"). Default: True for a text
+    prompt, False for token ids (chat templates produce ids).
 
     Stops at any of `tokenizer.eos_token_ids`, at a `stop` string (never emitted, even when
     split across tokens) or after `max_tokens`. `logprobs=n` adds each token's log-probability
@@ -176,7 +181,7 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx
     key = None if seed is None else mx.random.key(seed)
     matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop or []))
     eos = frozenset(tokenizer.eos_token_ids)
-    detok = tokenizer.detokenizer()
+    detok = tokenizer.detokenizer(continuation=isinstance(prompt, str) if continuation is None else continuation)
 
     start = time.perf_counter()
     first = prompt_tps = 0.0

@@ -295,6 +295,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         ids = await run_in_threadpool(_prompt_ids, tokenizer, req.prompt, model.args.vocab_size)
         options = generation_options(req, len(ids), req.max_tokens, limits, logprobs=0 if req.logprobs is None
                                      else max(req.logprobs, 1))
+        options["continuation"] = True  # a completion continues the prompt's text: keep its first space
         job = Job(ids, options, asyncio.get_running_loop())
         worker.submit(job)
         answer = CompletionAnswer(Reply("text_completion", settings.model_id), tokenizer, len(ids), req.logprobs)

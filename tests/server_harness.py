@@ -107,6 +107,10 @@ class Reference:
             tokens = tokens[:-1]
         return tokens, self.sp.decode(tokens)
 
+    def continuation_text(self, ids: list[int], tokens: list[int]) -> str:
+        """What `tokens` add to the text of the prompt `ids` (BOS first): a completion's text."""
+        return self.sp.decode(ids[1:] + tokens)[len(self.sp.decode(ids[1:])):]
+
     def logprobs(self, ids: list[int], tokens: list[int]) -> list[float]:
         """log p(token_i | ids + tokens[:i]) for each generated token."""
         with self.torch.no_grad():

@@ -277,15 +277,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         top = (req.top_logprobs or 0) if req.logprobs else None
         options = generation_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits,
                                      logprobs=0 if top is None else max(top, 1))
-        job = Job(ids, options, asyncio.get_running_loop())
-        worker.submit(job)
         answer = ChatAnswer(Reply("chat.completion", settings.model_id), tokenizer, len(ids), top)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if req.stream:
-            return EventStream(job, _chat_events(job, answer, include_usage))
-        async for r in _responses(job, request):
-            answer.add(r)
-        return answer.response(job.cached_tokens)
+        return await respond(ids, options, answer, _chat_events, req, request)
 
     @app.post("/v1/completions", response_model=Completion, responses=stream_doc("Completion"))
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -296,12 +289,17 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         options = generation_options(req, len(ids), req.max_tokens, limits, logprobs=0 if req.logprobs is None
                                      else max(req.logprobs, 1))
         options["continuation"] = True  # a completion continues the prompt's text: keep its first space
+        answer = CompletionAnswer(Reply("text_completion", settings.model_id), tokenizer, len(ids), req.logprobs)
+        return await respond(ids, options, answer, _completion_events, req, request)
+
+    async def respond(ids: list[int], options: dict[str, Any], answer: Any, events: Any, req: Any,
+                      request: Request) -> Any:
+        """Queue one generation; stream its events, or wait and return the whole answer."""
         job = Job(ids, options, asyncio.get_running_loop())
         worker.submit(job)
-        answer = CompletionAnswer(Reply("text_completion", settings.model_id), tokenizer, len(ids), req.logprobs)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return EventStream(job, _completion_events(job, answer, include_usage))
+            return EventStream(job, events(job, answer, include_usage))
         async for r in _responses(job, request):
             answer.add(r)
         return answer.response(job.cached_tokens)

@@ -39,6 +39,17 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def held_ids(cache: list[Cache], fed: list[int]) -> list[int] | None:
+    """The ids `cache` holds after `fed` (prompt + generated ids) went through it: a prefix of `fed`,
+    since the decode loop may or may not have fed the last token. None when layers disagree (a forward
+    pass interrupted halfway), i.e. the cache is unusable."""
+    offsets = {layer.offset for layer in cache}
+    if len(offsets) != 1:
+        return None
+    offset = offsets.pop()
+    return fed[:offset] if offset <= len(fed) else None
+
+
 def reuse_cache(cache: list[Cache], cached_ids: list[int], ids: list[int]) -> int:
     """Trim `cache` (which holds `cached_ids`) to its longest prefix shared with `ids`; return
     how many leading ids it still holds, or -1 when it cannot be trimmed that far (a rotating
@@ -126,14 +137,12 @@ class ChatSession:
             self._sync_cached_ids(ids + tokens)
 
     def _sync_cached_ids(self, fed: list[int]) -> None:
-        """Record what the cache holds after a turn: a prefix of prompt + generated tokens (the
-        decode loop may or may not have fed the last one). An interrupted forward pass can leave
-        layers at different lengths; such a cache is dropped and rebuilt next turn."""
-        offsets = {layer.offset for layer in self.cache}
-        if len(offsets) == 1 and offsets.pop() <= len(fed):
-            self.cached_ids = fed[: self.cache[0].offset]
-        else:
-            self.cache, self.cached_ids = self.model.make_cache(self.max_kv_size), []
+        """Record what the cache holds after a turn; a cache left unusable by an interrupted
+        forward pass is dropped and rebuilt next turn."""
+        held = held_ids(self.cache, fed)
+        if held is None:
+            self.cache, held = self.model.make_cache(self.max_kv_size), []
+        self.cached_ids = held
 
     def save(self, path: str | Path) -> None:
         """Write the messages and the KV cache to one safetensors file."""

@@ -16,19 +16,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 from .cache import Cache, KVCache
-from .chat import common_prefix_length, reuse_cache
+from .chat import common_prefix_length, held_ids, reuse_cache
 from .generate import GenerationResponse, stream_generate
-
-
-def held_ids(cache: list[Cache], fed: list[int]) -> list[int] | None:
-    """The ids `cache` holds after `fed` (prompt + generated ids) went through it: a prefix of `fed`,
-    since the decode loop may or may not have fed the last token. None when layers disagree (a forward
-    pass interrupted halfway), i.e. the cache is unusable."""
-    offsets = {layer.offset for layer in cache}
-    if len(offsets) != 1:
-        return None
-    offset = offsets.pop()
-    return fed[:offset] if offset <= len(fed) else None
 
 
 class PrefixCache:

@@ -164,7 +164,7 @@ def _parse_lengths(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-mixtral bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mlx-mixtral bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True, help="MLX model directory or hub id")
     p.add_argument("--prompt-lengths", type=_parse_lengths, default=[128, 512, 2048],
                    help="comma-separated context lengths (default 128,512,2048)")

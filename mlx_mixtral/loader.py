@@ -14,8 +14,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, ModelArgs, read_config
-from .model import Mixtral, sanitize
-from .weights import INDEX_NAME, WeightsError, find_weight_files, read_headers
+from .model import HF_EXPERT_NAMES, Mixtral, sanitize
+from .weights import INDEX_NAME, WeightsError, find_weight_files, read_headers, read_weight_map
 
 # What a model needs from a hub repository; the weights are chosen once the index is known.
 _HUB_METADATA = ["*.json", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
@@ -52,9 +52,10 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
     meta_dir = _snapshot(repo, revision, _HUB_METADATA)
     index = meta_dir / INDEX_NAME
     if index.is_file():
-        import json
-
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(read_weight_map(index).values()))
+        except WeightsError as e:
+            raise LoadError(str(e)) from None
         return _snapshot(repo, revision, shards)
     model_dir = _snapshot(repo, revision, ["model*.safetensors"])
     if not any(model_dir.glob("model*.safetensors")):
@@ -151,7 +152,7 @@ def quantize_like_checkpoint(model: nn.Module, weights: dict[str, Any], quantiza
     nn.quantize(model, class_predicate=predicate)
 
 
-_HF_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_HF_EXPERT_OF_PROJ = {proj: w for w, proj in HF_EXPERT_NAMES.items()}
 
 
 def _source_file(name: str, headers: dict) -> str:
@@ -159,7 +160,7 @@ def _source_file(name: str, headers: dict) -> str:
     candidates = [name]
     stacked = re.fullmatch(r"(.+)\.switch_mlp\.(\w+)\.(\w+)", name)
     if stacked:
-        candidates.append(f"{stacked[1]}.experts.0.{_HF_EXPERT_NAMES.get(stacked[2], stacked[2])}.{stacked[3]}")
+        candidates.append(f"{stacked[1]}.experts.0.{_HF_EXPERT_OF_PROJ.get(stacked[2], stacked[2])}.{stacked[3]}")
     for candidate in candidates:
         if candidate in headers:
             return headers[candidate].file.name

@@ -177,7 +177,7 @@ _NATIVE_NAMES = [
     (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
 ]
 # HF expert names: w1 = gate, w2 = down, w3 = up (the SwiGLU of the Mixtral paper).
-_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+HF_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(weight|scales|biases)$")
 
 
@@ -208,7 +208,7 @@ def sanitize(weights: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
         m = _EXPERT_KEY.match(name)
         if m:
             prefix, e, w, kind = m.groups()
-            experts.setdefault((prefix, _EXPERT_PROJ[w], kind), {})[int(e)] = value
+            experts.setdefault((prefix, HF_EXPERT_NAMES[w], kind), {})[int(e)] = value
             continue
         out[name] = value
     for (prefix, proj, kind), by_expert in experts.items():

@@ -81,16 +81,21 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The tensor name -> shard file map of a `model.safetensors.index.json`."""
+    try:
+        return json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise WeightsError(f"{index_path}: corrupt index (expected JSON with a 'weight_map' object)") from None
+
+
 def find_weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files holding a model: those named by the index if there is one,
     else `model*.safetensors`, else Mistral's `consolidated*.safetensors`."""
     model_dir = Path(model_dir)
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise WeightsError(f"{index_path}: corrupt index (expected JSON with a 'weight_map' object)") from None
+        weight_map = read_weight_map(index_path)
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -115,8 +120,7 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
             tensors[name] = info
     index_path = files[0].parent / INDEX_NAME if files else None
     if index_path is not None and index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        for name, shard in weight_map.items():
+        for name, shard in read_weight_map(index_path).items():
             if name not in tensors:
                 raise WeightsError(f"{index_path}: tensor {name!r} is mapped to {shard!r} but is not in it")
     return tensors

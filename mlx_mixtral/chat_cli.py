@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any
 
-from .generate_cli import add_sampling_args, format_stats, generation_options, load_for_cli
+from .chat import ChatSession
+from .generate_cli import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
 
 HELP = """commands:
   /reset         forget the conversation
@@ -87,8 +88,6 @@ class Repl:
         if dm is not None:
             self.session = dm.chat(**session_args, **options)
         else:
-            from .chat import ChatSession
-
             self.session = ChatSession(model, tokenizer, **session_args, **options)
         self.options = options
         self.interrupted = False  # set by the SIGINT handler during an answer (a bool: no lock to leak)
@@ -147,13 +146,11 @@ class Repl:
             elif self.dm is not None:
                 _say("/load is not supported with --distributed (each rank holds part of the KV cache)")
             else:
-                from .chat import ChatSession
-
                 self.session = ChatSession.load(path, self.model, self.tokenizer,
                                                 chat_template=self.args.chat_template, **self.options)
                 _say(f"(loaded {len(self.session.messages)} messages from {path})")
         except (ValueError, OSError) as e:
-            _say(f"{name}: {' '.join(str(e).split())}")
+            _say(f"{name}: {one_line(e)}")
 
     def answer(self, text: str) -> None:
         """Stream one answer; SIGINT only raises a flag here, so the stream is closed between
@@ -170,7 +167,7 @@ class Repl:
                     break
             stream.close()
         except ValueError as e:  # ContextLimitError and the like: the turn did not happen
-            _say(f"\n{' '.join(str(e).split())}")
+            _say(f"\n{one_line(e)}")
             return
         finally:
             signal.signal(signal.SIGINT, previous)

@@ -10,6 +10,10 @@ import argparse
 import sys
 from typing import Any
 
+from .generate import DEFAULT_MAX_TOKENS, stream_generate
+from .loader import LoadError, load
+from .sampling import make_logits_processors, make_sampler
+
 DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 
 
@@ -34,21 +38,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """stream_generate keyword options from the parsed arguments, checked before any loading."""
-    from .sampling import make_sampler
-
-    make_sampler(args.temp, args.top_p, args.top_k, args.min_p)  # raises ValueError naming the bad option
+    # Building them raises the library's ValueError naming the bad option.
+    make_sampler(args.temp, args.top_p, args.top_k, args.min_p)
+    make_logits_processors(args.repetition_penalty)
     if args.max_tokens is not None and args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
 def load_for_cli(args: argparse.Namespace, prog: str):
     """(model, tokenizer, distributed handle or None); a loading problem exits with one line."""
-    from .loader import LoadError, load
-
     try:
         if args.distributed:
             from .distributed_model import DistributedModel
@@ -58,8 +58,13 @@ def load_for_cli(args: argparse.Namespace, prog: str):
         model, tokenizer = load(args.model)
         return model, tokenizer, None
     except (LoadError, ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def one_line(e: Exception) -> str:
+    """An error message on one line (some name a file and quote a multi-line parser message)."""
+    return " ".join(str(e).split())
 
 
 def format_stats(r: Any) -> str:
@@ -70,7 +75,7 @@ def format_stats(r: Any) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-mixtral generate", description=__doc__.splitlines()[0])
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
-    add_sampling_args(p, max_tokens=256)
+    add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
     return p
@@ -98,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         if dm is not None:
             stream = dm.stream_generate(prompt, **options)
         else:
-            from .generate import stream_generate
-
             stream = stream_generate(model, tokenizer, prompt, **options)
         last = None
         for last in stream:
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except ValueError as e:  # a prompt or template the model cannot take
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         if dm is not None:

@@ -37,12 +37,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import Cache
 from .config import ModelArgs
-from .loader import quantize_like_checkpoint
 from .model import MLP, Attention, Mixtral, SparseMoE
 
 
@@ -226,35 +223,3 @@ def shard_modules(model: Mixtral, plan: ShardPlan, rank: int, group: mx.distribu
         else:
             layer.mlp = ShardedMLP(local.hidden_size, local.intermediate_size, group)
 
-
-def take(array: mx.array, spec: tuple[int, int, int] | None) -> mx.array:
-    """The part of a stored tensor that `ShardPlan.slice_of` names."""
-    if spec is None:
-        return array
-    axis, start, stop = spec
-    return array[..., start:stop, :] if axis == -2 else array[..., start:stop]
-
-
-def _quantization_of(model: nn.Module) -> dict[str, Any]:
-    """Per-module quantization entries (as in config.json) for a model quantized in memory."""
-    modes = {}
-    for path, module in model.named_modules():
-        if "scales" in module and hasattr(module, "mode"):
-            modes[path] = {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
-    return modes
-
-
-def shard_model(model: Mixtral, group: mx.distributed.Group) -> Mixtral:
-    """Keep only this rank's part of an already loaded model, in place (same plan as the sharded
-    loader, which reads only that part from disk in the first place)."""
-    full = dict(tree_flatten(model.parameters()))
-    plan = plan_shards(model.args, group.size(), {k: v.shape for k, v in full.items()})
-    rank = group.rank()
-    local = {k: take(v, plan.slice_of(k, v.shape, rank)) for k, v in full.items()}
-    quantization = _quantization_of(model)
-    shard_modules(model, plan, rank, group)
-    quantize_like_checkpoint(model, local, quantization)
-    model.update(tree_unflatten(list(local.items())))
-    mx.eval(model.parameters())
-    model.shard_plan = plan
-    return model

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from mlx_mixtral import LoadError, Mixtral, ModelArgs
 from mlx_mixtral.shard_loader import read_slice, source_tensors
-from mlx_mixtral.sharding import ShardError, even_split, plan_shards, take
+from mlx_mixtral.sharding import ShardError, even_split, plan_shards
 from mlx_mixtral.weights import read_header
 
 MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
@@ -27,6 +27,14 @@ def _shapes(config: dict, group_size: int | None = 64, bits: int = 4) -> tuple[M
     if group_size:
         nn.quantize(model, group_size, bits)
     return args, {k: v.shape for k, v in tree_flatten(model.parameters())}
+
+
+def take(array: mx.array, spec: tuple[int, int, int] | None) -> mx.array:
+    """The part of a whole tensor that `ShardPlan.slice_of` names, cut in memory."""
+    if spec is None:
+        return array
+    axis, start, stop = spec
+    return array[..., start:stop, :] if axis == -2 else array[..., start:stop]
 
 
 def test_even_split():

@@ -235,67 +235,44 @@ T slot_value(const SimdState& s, int lane) {
   std::memcpy(&v, s.slot[lane], sizeof(T));
   return v;
 }
+// Every lane gets the fold of all active lanes' values, in lane order (the GPU's order is a tree,
+// which the kernels must not depend on).
+template <class T, class Op>
+T simd_reduce(T v, Op op) {
+  return simd_exchange(v, [&](const SimdState& s) {
+    T acc = slot_value<T>(s, 0);
+    for (int i = 1; i < s.active; i++) acc = op(acc, slot_value<T>(s, i));
+    return acc;
+  });
+}
+// The value of lane `src`; a lane whose source is outside the simdgroup keeps its own value, as
+// Metal documents for simd_shuffle_down/up.
+template <class T>
+T simd_from(T v, int src) {
+  const int me = ctx.lane;
+  return simd_exchange(v, [&](const SimdState& s) {
+    return slot_value<T>(s, 0 <= src && src < s.active ? src : me);
+  });
+}
 }  // namespace mshim
 
 namespace metal {
 template <class T>
-T simd_sum(T v) {
-  return mshim::simd_exchange(v, [](const mshim::SimdState& s) {
-    T acc = mshim::slot_value<T>(s, 0);
-    for (int i = 1; i < s.active; i++) acc = T(acc + mshim::slot_value<T>(s, i));
-    return acc;
-  });
-}
+T simd_sum(T v) { return mshim::simd_reduce(v, [](T a, T b) { return T(a + b); }); }
 template <class T>
-T simd_max(T v) {
-  return mshim::simd_exchange(v, [](const mshim::SimdState& s) {
-    T acc = mshim::slot_value<T>(s, 0);
-    for (int i = 1; i < s.active; i++) acc = max(acc, mshim::slot_value<T>(s, i));
-    return acc;
-  });
-}
+T simd_max(T v) { return mshim::simd_reduce(v, [](T a, T b) { return max(a, b); }); }
 template <class T>
-T simd_min(T v) {
-  return mshim::simd_exchange(v, [](const mshim::SimdState& s) {
-    T acc = mshim::slot_value<T>(s, 0);
-    for (int i = 1; i < s.active; i++) acc = min(acc, mshim::slot_value<T>(s, i));
-    return acc;
-  });
-}
-// Lanes outside the simdgroup keep their own value, as Metal documents for shuffle_down/up.
+T simd_min(T v) { return mshim::simd_reduce(v, [](T a, T b) { return min(a, b); }); }
 template <class T>
-T simd_shuffle(T v, ushort lane) {
-  int me = mshim::ctx.lane;
-  return mshim::simd_exchange(v, [&](const mshim::SimdState& s) {
-    return mshim::slot_value<T>(s, int(lane) < s.active ? int(lane) : me);
-  });
-}
+T simd_shuffle(T v, ushort lane) { return mshim::simd_from(v, int(lane)); }
 template <class T>
-T simd_broadcast(T v, ushort lane) { return simd_shuffle(v, lane); }
+T simd_broadcast(T v, ushort lane) { return mshim::simd_from(v, int(lane)); }
 template <class T>
-T simd_shuffle_down(T v, ushort delta) {
-  int me = mshim::ctx.lane;
-  return mshim::simd_exchange(v, [&](const mshim::SimdState& s) {
-    int src = me + int(delta);
-    return mshim::slot_value<T>(s, src < s.active ? src : me);
-  });
-}
+T simd_shuffle_down(T v, ushort delta) { return mshim::simd_from(v, mshim::ctx.lane + int(delta)); }
 template <class T>
-T simd_shuffle_up(T v, ushort delta) {
-  int me = mshim::ctx.lane;
-  return mshim::simd_exchange(v, [&](const mshim::SimdState& s) {
-    int src = me - int(delta);
-    return mshim::slot_value<T>(s, src >= 0 ? src : me);
-  });
-}
+T simd_shuffle_up(T v, ushort delta) { return mshim::simd_from(v, mshim::ctx.lane - int(delta)); }
 template <class T>
-T simd_shuffle_xor(T v, ushort mask) {
-  int me = mshim::ctx.lane;
-  return mshim::simd_exchange(v, [&](const mshim::SimdState& s) {
-    int src = me ^ int(mask);
-    return mshim::slot_value<T>(s, src < s.active ? src : me);
-  });
-}
+T simd_shuffle_xor(T v, ushort mask) { return mshim::simd_from(v, mshim::ctx.lane ^ int(mask)); }
 inline void threadgroup_barrier(mem_flags) { mshim::ctx.group->arrive_and_wait(); }
 inline void simdgroup_barrier(mem_flags) { mshim::ctx.simd->bar->arrive_and_wait(); }
 }  // namespace metal

@@ -14,15 +14,15 @@ from collections import Counter
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..accounting import VIEW_PRIMITIVES
 from ..experts import SwitchGLU, route
 from .kernels import builtin_ops, fused_switch_glu
 
-VIEW_PRIMITIVES = frozenset({"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose",
-                             "StopGradient", "Flatten", "Unflatten"})
-
 
 def traced_primitives(fn, *arrays: mx.array) -> list[str]:
-    """Names of the primitives `fn(*arrays)` records, in graph order."""
+    """Names of the primitives `fn(*arrays)` records, in graph order. Traced with export_function
+    rather than accounting.trace (export_to_dot of the outputs) because building the outputs of a
+    custom Metal kernel needs a Metal device, while tracing it does not."""
     names: list[str] = []
 
     def visit(entry: dict) -> None:

@@ -89,7 +89,6 @@ class ModelArgs:
         values = dict(_FAMILY_DEFAULTS[model_type])
         known = {f.name for f in fields(cls)}
         values.update({k: v for k, v in config.items() if k in known and v is not None})
-        values["sliding_window"] = config.get("sliding_window")
         values["rope_theta"], values["rope_scale"] = _read_rope(config, values["rope_theta"])
         if model_type == "mixtral":
             values.setdefault("num_local_experts", 8)

@@ -46,10 +46,6 @@ class SwitchLinear(nn.Module):
         super().__init__()
         self.weight = _uniform_init((num_experts, output_dims, input_dims), input_dims)
 
-    @property
-    def input_dims(self) -> int:
-        return self.weight.shape[2]
-
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         weight = self.weight
         if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
@@ -84,10 +80,6 @@ class QuantizedSwitchLinear(nn.Module):
         self.weight, self.scales = packed, scales
         if biases:
             self.biases = biases[0]
-
-    @property
-    def input_dims(self) -> int:
-        return self.scales.shape[2] * self.group_size
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .weights import find_weight_files
+from .weights import find_weight_files, read_header
 
 T = TypeVar("T")
 
@@ -164,20 +164,22 @@ def _sum_int32(group: mx.distributed.Group, values: np.ndarray, what: str) -> np
 
 def model_digest(model_dir: str | Path) -> bytes:
     """SHA-256 of what must be equal on every rank: the config file, and for each weight file its
-    name, size, safetensors header and a few KB of data at its start, middle and end (enough to
-    tell two fine-tunes of one architecture apart without reading gigabytes)."""
+    name, size, tensor table (names, dtypes, shapes, offsets) and a few KB of data at the start,
+    middle and end of its tensor bytes (enough to tell two fine-tunes of one architecture apart
+    without reading gigabytes). A corrupt weight file raises WeightsError naming it."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     config = next((model_dir / n for n in ("config.json", "params.json") if (model_dir / n).is_file()), None)
     if config is not None:
         h.update(config.read_bytes())
     for path in find_weight_files(model_dir):
+        tensors = read_header(path)
         size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
+        table = sorted((name, t.dtype, t.shape, t.start) for name, t in tensors.items())
+        h.update(f"{path.name}:{size}:{table}".encode())
+        data = min((t.start for t in tensors.values()), default=size)
         with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(header_len))
-            for at in (8 + header_len, (8 + header_len + size) // 2, max(8 + header_len, size - 4096)):
+            for at in (data, (data + size) // 2, max(data, size - 4096)):
                 f.seek(at)
                 h.update(f.read(4096))
     return h.digest()

@@ -3,9 +3,9 @@
     python benchmarks/convert_bench.py             # 1.58 GB bf16 Mixtral-shaped checkpoint -> 4-bit
     python benchmarks/convert_bench.py --recipes   # KL of each quantization recipe on a small model
 
-The first run builds a random bfloat16 Mixtral-shaped Hugging Face checkpoint (hidden 1024,
-expert FFN 3584, 8 experts, 8 layers, vocab 32000 = 1.58 GB; per-expert `w1/w2/w3` names, 4
-shards + index, Mixtral's tokenizer.model) under benchmarks/out/ and reuses it afterwards.
+The first run builds a random bfloat16 Mixtral-shaped Hugging Face checkpoint with synthetic.py
+(hidden 1024, expert FFN 3584, 8 experts, 8 layers, vocab 32000 = 1.58 GB; per-expert `w1/w2/w3`
+names, 4 shards + index, Mixtral's tokenizer.model) under benchmarks/out/ and reuses it afterwards.
 Each converter then runs in its own child process; peak RSS is that child's `ru_maxrss` from
 `os.wait4`, wall time includes interpreter start-up for both. Results go to stdout and to
 benchmarks/out/convert_bench.json.
@@ -22,77 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import Shape, write_checkpoint  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
-CONFIG = {
-    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 1024,
-    "intermediate_size": 3584, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
-    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": False, "hidden_act": "silu",
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-}
-LAYERS_PER_SHARD = 2
-
-
-def _layer_tensors(i: int, c: dict) -> dict:
-    import mlx.core as mx
-
-    d, f, e = c["hidden_size"], c["intermediate_size"], c["num_local_experts"]
-    kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
-
-    def rand(*shape):
-        return (0.02 * mx.random.normal(shape)).astype(mx.bfloat16)
-
-    p = f"model.layers.{i}"
-    t = {f"{p}.self_attn.q_proj.weight": rand(d, d), f"{p}.self_attn.k_proj.weight": rand(kv, d),
-         f"{p}.self_attn.v_proj.weight": rand(kv, d), f"{p}.self_attn.o_proj.weight": rand(d, d),
-         f"{p}.input_layernorm.weight": mx.ones((d,), mx.bfloat16),
-         f"{p}.post_attention_layernorm.weight": mx.ones((d,), mx.bfloat16),
-         f"{p}.block_sparse_moe.gate.weight": rand(e, d)}
-    for j in range(e):
-        t[f"{p}.block_sparse_moe.experts.{j}.w1.weight"] = rand(f, d)
-        t[f"{p}.block_sparse_moe.experts.{j}.w2.weight"] = rand(d, f)
-        t[f"{p}.block_sparse_moe.experts.{j}.w3.weight"] = rand(f, d)
-    return t
-
-
-def build_checkpoint(path: Path) -> Path:
-    """Write the benchmark checkpoint shard by shard (so building it needs ~0.4 GB), once."""
-    import mlx.core as mx
-
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    tmp = path.with_name(path.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.random.seed(0)
-    c, n = CONFIG, CONFIG["num_hidden_layers"]
-    count = (n + LAYERS_PER_SHARD - 1) // LAYERS_PER_SHARD
-    weight_map, total = {}, 0
-    for s in range(count):
-        tensors = {}
-        for i in range(s * LAYERS_PER_SHARD, min(n, (s + 1) * LAYERS_PER_SHARD)):
-            tensors.update(_layer_tensors(i, c))
-        if s == 0:
-            tensors["model.embed_tokens.weight"] = (0.02 * mx.random.normal((c["vocab_size"], c["hidden_size"]))
-                                                    ).astype(mx.bfloat16)
-        if s == count - 1:
-            tensors["model.norm.weight"] = mx.ones((c["hidden_size"],), mx.bfloat16)
-            tensors["lm_head.weight"] = (0.02 * mx.random.normal((c["vocab_size"], c["hidden_size"]))
-                                         ).astype(mx.bfloat16)
-        name = f"model-{s + 1:05d}-of-{count:05d}.safetensors"
-        mx.eval(tensors)
-        mx.save_safetensors(str(tmp / name), tensors, metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        total += sum(v.nbytes for v in tensors.values())
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(c, indent=2))
-    import mistral_common  # its data/ holds Mixtral-8x7B's SentencePiece model
-
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", tmp / "tokenizer.model")
-    os.rename(tmp, path)
-    return path
+SHAPE = Shape(hidden=1024, ffn=3584, experts=8, top_k=2, layers=8, heads=16, kv_heads=4)
 
 
 def measure(cmd: list[str]) -> dict:
@@ -115,7 +49,7 @@ def _dir_size(path: Path) -> int:
 
 
 def bench(repeat: int) -> dict:
-    src = build_checkpoint(OUT / "bench_hf_mixtral_bf16")
+    src = write_checkpoint(OUT / "bench_hf_mixtral_bf16", SHAPE)
     src_bytes = _dir_size(src)
     for f in src.glob("*.safetensors"):  # same warm page cache for both converters
         with open(f, "rb") as fh:

@@ -145,7 +145,7 @@ class RotatingKVCache:
         self.offset += 1
         self._write = (slot + 1) % self.max_size
         stored = self._stored
-        return self.keys[..., :stored, :], self.values[..., :stored, :]
+        return self.keys[..., :stored, :], self.values[..., :stored, :]  # (B, Hkv, S, Dh), ring order
 
     @property
     def state(self) -> tuple[mx.array, mx.array]:

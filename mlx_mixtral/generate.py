@@ -1,6 +1,6 @@
 """Text generation: one generator (`generate_step`) and thin wrappers around it.
 
-Shapes: L prompt tokens, V vocab.
+Shapes: L prompt tokens, T tokens the logits processors see (prompt + generated), V vocab.
 
 `generate_step` works on token ids only: chunked prefill into the KV cache, then a decode loop
 that builds step n+1's graph and queues it (`mx.async_eval`) before waiting for token n, so the
@@ -59,7 +59,7 @@ def generate_step(prompt_ids: Sequence[int] | mx.array, model: Any, *, cache: li
         key, subkey = mx.random.split(key)
         token = sampler(logprobs, subkey)  # (1,)
         if processors:
-            history = mx.concatenate([history, token.astype(history.dtype)])
+            history = mx.concatenate([history, token.astype(history.dtype)])  # (T + 1,)
         return token, logprobs[0]
 
     # Prefill everything but the last token without computing logits; evaluating the caches'

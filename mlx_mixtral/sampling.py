@@ -102,7 +102,7 @@ def make_repetition_penalty(penalty: float, context_size: int | None = 20) -> Lo
             return logits
         idx = mx.broadcast_to(recent[None, :], (logits.shape[0], recent.size))  # (B, T)
         seen = mx.take_along_axis(logits, idx, axis=-1)  # (B, T)
-        seen = mx.where(seen > 0, seen / penalty, seen * penalty)
+        seen = mx.where(seen > 0, seen / penalty, seen * penalty)  # (B, T)
         return mx.put_along_axis(logits, idx, seen, axis=-1)
 
     return process
@@ -115,7 +115,7 @@ def make_logit_bias(bias: dict[int, float]) -> LogitsProcessor:
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         idx = mx.broadcast_to(ids[None, :], (logits.shape[0], ids.size))  # (B, N)
-        biased = mx.take_along_axis(logits, idx, axis=-1) + values.astype(logits.dtype)
+        biased = mx.take_along_axis(logits, idx, axis=-1) + values.astype(logits.dtype)  # (B, N)
         return mx.put_along_axis(logits, idx, biased, axis=-1)
 
     return process
@@ -135,7 +135,7 @@ def top_logprobs(logprobs: mx.array, n: int) -> list[tuple[int, float]]:
     """The n most probable (token, logprob) pairs of a (V,) row, best first (a host sync)."""
     n = min(n, logprobs.shape[-1])
     ids = mx.argpartition(-logprobs, kth=n - 1)[:n]  # (n,)
-    vals = logprobs[ids]
+    vals = logprobs[ids]  # (n,)
     pairs = sorted(zip(ids.tolist(), vals.tolist()), key=lambda p: -p[1])
     return [(int(i), float(v)) for i, v in pairs]
 

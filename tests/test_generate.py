@@ -1,16 +1,19 @@
 """The generation loop against transformers' generate on the same tiny checkpoint."""
 
+import json
 import random
+import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
+from memorized import TEXT_CONTINUATION, TEXT_PROMPT, memorized_4bit
 from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.generate import StopMatcher, generate_step
 from mlx_mixtral.sampling import make_logits_processors, make_sampler
-from tiny_models import load_hf_model
+from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 PROMPT = [1, 5, 17, 99, 3, 42, 7, 8, 9, 10, 11, 64, 23]
 
@@ -146,16 +149,12 @@ def test_each_step_draws_with_a_fresh_key(models):
 # --- text: the real Mixtral tokenizer -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def memorized(tmp_path_factory):
-    from memorized import memorized_4bit
-
     return memorized_4bit(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def babbler(tmp_path_factory):
     """Random weights, real tokenizer: emits byte-fallback pieces, CJK, stray spaces."""
-    from tiny_models import add_tokenizer, make_hf_checkpoint
-
     return load(add_tokenizer(make_hf_checkpoint(tmp_path_factory.mktemp("babbler"), vocab_size=32000, seed=7)))
 
 
@@ -171,8 +170,6 @@ def test_streamed_text_joins_to_the_decoded_tokens(babbler):
 
 @pytest.mark.parametrize("stop", [" sat on the l", "t on t", "dog", "g, w", "tree."])
 def test_stop_strings_split_across_tokens_are_never_emitted(memorized, stop):
-    from memorized import TEXT_CONTINUATION, TEXT_PROMPT
-
     model, tok = load(memorized)
     full = generate(model, tok, TEXT_PROMPT, max_tokens=15)
     assert full == TEXT_CONTINUATION and stop in full  # the continuation keeps its leading space
@@ -183,11 +180,6 @@ def test_stop_strings_split_across_tokens_are_never_emitted(memorized, stop):
 
 def test_every_eos_id_of_generation_config_stops(memorized, tmp_path):
     """generation_config.json may list several end ids; '.' made one of them ends the text there."""
-    import json
-    import shutil
-
-    from memorized import TEXT_PROMPT
-
     model_dir = tmp_path / "m"
     shutil.copytree(memorized, model_dir)
     model, tok = load(model_dir)
@@ -201,8 +193,6 @@ def test_every_eos_id_of_generation_config_stops(memorized, tmp_path):
 
 
 def test_length_finish_and_logprobs_fields(memorized):
-    from memorized import TEXT_PROMPT
-
     model, tok = load(memorized)
     rs = list(stream_generate(model, tok, TEXT_PROMPT, max_tokens=4, logprobs=3))
     assert [r.finish_reason for r in rs] == [None, None, None, "length"]

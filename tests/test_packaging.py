@@ -33,6 +33,7 @@ def test_converter_and_metal_install_inside_the_package(wheel):
 def test_every_metal_source_ships(wheel):
     wheel_names, _ = wheel
     sources = [p for p in (ROOT / "metal").iterdir() if p.suffix in (".metal", ".h")]
+    assert sources
     for src in sources:
         assert f"mlx_mixtral/metal/{src.name}" in wheel_names
 

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+SPACE = "\u2581"  # SentencePiece's meta-space "▁"
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class PieceTable:
 
     @classmethod
     def from_pieces(cls, pieces: Sequence[str | None], special: frozenset[int], *, strip_left: int,
-                    space_piece: str | None = "▁", byte_fallback: bool = True) -> PieceTable:
+                    space_piece: str | None = SPACE, byte_fallback: bool = True) -> PieceTable:
         texts, byte_values = [], []
         for piece in pieces:
-            match = _BYTE_PIECE.fullmatch(piece) if (byte_fallback and piece is not None) else None
+            match = BYTE_PIECE.fullmatch(piece) if (byte_fallback and piece is not None) else None
             byte_values.append(int(match.group(1), 16) if match else -1)
             if piece is not None and space_piece:
                 piece = piece.replace(space_piece, " ")

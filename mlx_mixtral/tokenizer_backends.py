@@ -21,9 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .detokenizer import PieceTable, decode_pieces
-
-SPACE = "▁"  # SentencePiece's meta-space, U+2581
+from .detokenizer import SPACE, PieceTable, decode_pieces
 
 
 @dataclass(frozen=True)
@@ -136,10 +134,11 @@ def _normalizer_spec(model_proto: bytes) -> tuple[int, int, int]:
 
 def adds_dummy_prefix(model_proto: bytes) -> bool:
     _, value_start, end = _normalizer_spec(model_proto)
+    spec = model_proto[value_start:end]
     flag = True  # the proto's default
-    for field, wire, _, v, _ in _proto_fields(model_proto[value_start:end]):
+    for field, wire, _, v, _ in _proto_fields(spec):
         if field == _ADD_DUMMY_PREFIX and wire == 0:
-            flag = bool(_read_varint(model_proto[value_start:end], v)[0])
+            flag = bool(_read_varint(spec, v)[0])
     return flag
 
 

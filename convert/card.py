@@ -68,12 +68,11 @@ The files follow mlx-lm's layout, so `mlx_lm.generate --model {name}` loads them
     (model_dir / "README.md").write_text("\n".join(front) + "\n" + body)
 
 
-def upload(model_dir: Path, repo_id: str, api=None) -> None:
+def upload(model_dir: Path, repo_id: str) -> None:
     """Create (if needed) the hub model repository and upload the directory to it."""
-    if api is None:
-        from huggingface_hub import HfApi
+    from huggingface_hub import HfApi
 
-        api = HfApi()
+    api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",

@@ -6,6 +6,7 @@ The destination path is the answer (stdout); the progress bar, sizes and errors 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 
@@ -88,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         print("mlx-mixtral convert: interrupted; nothing was written", file=sys.stderr)
         return 130
     bar.close()
-    import json
-
     stats = model_stats(out)
     config = json.loads((out / "config.json").read_text())
     print(f"{describe_quantization(config)}: {stats['bits_per_weight']:.3f} bits per weight, "

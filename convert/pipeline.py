@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from .card import upload, write_model_card
 from .errors import ConvertError
-from .quant import config_entry, make_plan
+from .quant import DEFAULT_BITS, DEFAULT_GROUP, config_entry, make_plan
 from .shards import Entry, ShardWriter, parse_size
 from .source import open_source
 from .transform import Context, convert_group, make_context
@@ -46,8 +46,8 @@ class Progress:
     total_bytes: int
 
 
-def convert(hf_path: str | Path, mlx_path: str | Path, *, quantize: bool = False, q_bits: int | None = 4,
-            q_group_size: int | None = 64, q_mode: str = "affine", recipe: str | None = None,
+def convert(hf_path: str | Path, mlx_path: str | Path, *, quantize: bool = False, q_bits: int | None = DEFAULT_BITS,
+            q_group_size: int | None = DEFAULT_GROUP, q_mode: str = "affine", recipe: str | None = None,
             dtype: str | mx.Dtype | None = None, dequantize: bool = False, max_shard_size: str | int = "5GB",
             force: bool = False, upload_repo: str | None = None, revision: str | None = None,
             progress: Callable[[Progress], None] | None = None) -> Path:

@@ -19,6 +19,8 @@ AFFINE_GROUPS = (32, 64, 128)
 # mx.quantize enforces: MXFP4/MXFP8 (OCP Microscaling spec) use 32-element blocks, NVFP4 16.
 FIXED_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 MODES = ("affine", *FIXED_MODES)
+DEFAULT_BITS = 4
+DEFAULT_GROUP = 64
 
 # The router is tiny (D x E) and decides which experts run; quantizing it changes routing.
 _ROUTER = re.compile(r"\.block_sparse_moe\.gate$")
@@ -90,12 +92,11 @@ class QuantPlan:
         return r.low
 
 
-def make_plan(bits: int | None, group_size: int | None, mode: str, recipe: str | None, num_layers: int,
-              *, default_bits: int = 4, default_group: int = 64) -> QuantPlan:
+def make_plan(bits: int | None, group_size: int | None, mode: str, recipe: str | None, num_layers: int) -> QuantPlan:
     """Check a requested setting and turn it into a plan; ConvertError names the bad value.
 
-    `default_bits`/`default_group` are the values a caller passes when the user chose nothing;
-    for the fixed-format modes they mean "the mode's own" rather than a conflicting request.
+    None means the default. For the fixed-format modes DEFAULT_BITS/DEFAULT_GROUP (what convert()
+    passes when the user chose nothing) also mean "the mode's own" rather than a conflicting request.
     """
     if mode not in MODES:
         raise ConvertError(f"unsupported quantization mode {mode!r} (expected one of: {', '.join(MODES)})")
@@ -103,11 +104,11 @@ def make_plan(bits: int | None, group_size: int | None, mode: str, recipe: str |
         fixed_bits, fixed_group = FIXED_MODES[mode]
         if recipe is not None:
             raise ConvertError(f"recipe {recipe!r} mixes bit widths, which only mode 'affine' allows")
-        if bits not in (None, default_bits, fixed_bits) or group_size not in (None, default_group, fixed_group):
+        if bits not in (None, DEFAULT_BITS, fixed_bits) or group_size not in (None, DEFAULT_GROUP, fixed_group):
             raise ConvertError(f"mode {mode!r} uses {fixed_bits} bits with group size {fixed_group}; "
                                f"got bits={bits}, group size={group_size}")
         return QuantPlan(fixed_bits, fixed_group, mode, num_layers)
-    group_size = default_group if group_size is None else group_size
+    group_size = DEFAULT_GROUP if group_size is None else group_size
     if group_size not in AFFINE_GROUPS:
         raise ConvertError(f"unsupported group size {group_size} for mode 'affine' "
                            f"(expected one of: {', '.join(map(str, AFFINE_GROUPS))})")
@@ -116,7 +117,7 @@ def make_plan(bits: int | None, group_size: int | None, mode: str, recipe: str |
             raise ConvertError(f"unknown recipe {recipe!r} (expected one of: {', '.join(RECIPES)})")
         r = RECIPES[recipe]
         return QuantPlan(r.low, group_size, mode, num_layers, r)
-    bits = default_bits if bits is None else bits
+    bits = DEFAULT_BITS if bits is None else bits
     if bits not in AFFINE_BITS:
         raise ConvertError(f"unsupported bits {bits} for mode 'affine' "
                            f"(expected one of: {', '.join(map(str, AFFINE_BITS))})")

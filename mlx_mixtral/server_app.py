@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generate import GenerationResponse
 from .sampling import validate_token_ids
-from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, Reply, generation_options, sse
+from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, generation_options, sse
 from .server_schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                             CompletionRequest, ErrorResponse, Health, ModelCard, ModelList)
 from .server_worker import Finished, Job, ShuttingDown, Worker
@@ -275,31 +275,28 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         except ValueError as e:  # the chat format refused the conversation (order of roles, ...)
             raise APIError(400, f"messages: {e}", param="messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
-        options = generation_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits,
-                                     logprobs=0 if top is None else max(top, 1))
-        answer = ChatAnswer(Reply("chat.completion", settings.model_id), tokenizer, len(ids), top)
-        return await respond(ids, options, answer, _chat_events, req, request)
+        options = generation_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits, top)
+        return await respond(ids, options, ChatAnswer(settings.model_id, tokenizer, len(ids), top), req, request)
 
     @app.post("/v1/completions", response_model=Completion, responses=stream_doc("Completion"))
     async def completions(req: CompletionRequest, request: Request) -> Any:
         check_model(req.model)
         if req.echo or req.suffix is not None:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
-        ids = await run_in_threadpool(_prompt_ids, tokenizer, req.prompt, model.args.vocab_size)
-        options = generation_options(req, len(ids), req.max_tokens, limits, logprobs=0 if req.logprobs is None
-                                     else max(req.logprobs, 1))
+        ids = await run_in_threadpool(_prompt_ids, tokenizer, req.prompt, limits.vocab_size)
+        options = generation_options(req, len(ids), req.max_tokens, limits, req.logprobs)
         options["continuation"] = True  # a completion continues the prompt's text: keep its first space
-        answer = CompletionAnswer(Reply("text_completion", settings.model_id), tokenizer, len(ids), req.logprobs)
-        return await respond(ids, options, answer, _completion_events, req, request)
+        answer = CompletionAnswer(settings.model_id, tokenizer, len(ids), req.logprobs)
+        return await respond(ids, options, answer, req, request)
 
-    async def respond(ids: list[int], options: dict[str, Any], answer: Any, events: Any, req: Any,
-                      request: Request) -> Any:
+    async def respond(ids: list[int], options: dict[str, Any], answer: ChatAnswer | CompletionAnswer,
+                      req: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
         """Queue one generation; stream its events, or wait and return the whole answer."""
         job = Job(ids, options, asyncio.get_running_loop())
         worker.submit(job)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return EventStream(job, events(job, answer, include_usage))
+            return EventStream(job, _events(job, answer, include_usage))
         async for r in _responses(job, request):
             answer.add(r)
         return answer.response(job.cached_tokens)
@@ -347,36 +344,17 @@ def _prompt_ids(tokenizer: Any, prompt: Any, vocab_size: int) -> list[int]:
     return ids
 
 
-def _stream_error(e: APIError) -> str:
-    return sse(e.body())
-
-
-async def _chat_events(job: Job, answer: ChatAnswer, include_usage: bool) -> AsyncIterator[str]:
-    # OpenAI's order: a chunk with the role, content chunks, one with the finish reason, usage, [DONE].
-    yield answer.chunk({"role": "assistant", "content": ""})
+async def _events(job: Job, answer: ChatAnswer | CompletionAnswer, include_usage: bool) -> AsyncIterator[str]:
+    """The answer's events, then the usage if asked for, then [DONE]. A failure after the 200 status
+    went out can only be told in the stream: an error object as the last event before [DONE]."""
+    for event in answer.opening():
+        yield event
     try:
         async for r in _responses(job, None):
-            logprob = answer.add(r)
-            if r.text or logprob is not None:
-                yield answer.chunk({"content": r.text}, logprob)
-            if r.finish_reason is not None:
-                yield answer.chunk({}, finish_reason=r.finish_reason)
+            for event in answer.stream(r):
+                yield event
     except APIError as e:
-        yield _stream_error(e)
-    else:
-        if include_usage:
-            yield answer.usage_chunk(job.cached_tokens)
-    yield sse("[DONE]")
-
-
-async def _completion_events(job: Job, answer: CompletionAnswer, include_usage: bool) -> AsyncIterator[str]:
-    try:
-        async for r in _responses(job, None):
-            logprobs = answer.add(r)
-            if r.text or logprobs is not None or r.finish_reason is not None:
-                yield answer.chunk(r.text, logprobs, r.finish_reason)
-    except APIError as e:
-        yield _stream_error(e)
+        yield sse(e.body())
     else:
         if include_usage:
             yield answer.usage_chunk(job.cached_tokens)

@@ -12,15 +12,13 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .detokenizer import BYTE_PIECE, SPACE
 from .generate import GenerationResponse
 from .sampling import make_sampler
 from .server_schema import MAX_STOP, _Sampling
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-SENTENCEPIECE_SPACE = "\u2581"
 
 
 class APIError(Exception):
@@ -43,8 +41,9 @@ class Limits:
 
 
 def generation_options(req: _Sampling, prompt_len: int, max_tokens: int | None, limits: Limits,
-                       logprobs: int) -> dict[str, Any]:
-    """stream_generate's keyword options for a request whose prompt is `prompt_len` tokens."""
+                       top_logprobs: int | None) -> dict[str, Any]:
+    """stream_generate's keyword options for a request whose prompt is `prompt_len` tokens and that
+    asks for `top_logprobs` alternatives per token (None: no logprobs at all)."""
     if max_tokens is not None and max_tokens > limits.max_tokens_cap:
         raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of {limits.max_tokens_cap}",
                        param="max_tokens", code="invalid_value")
@@ -61,7 +60,9 @@ def generation_options(req: _Sampling, prompt_len: int, max_tokens: int | None, 
         raise APIError(400, f"stop has {len(stop)} sequences; at most {MAX_STOP} are allowed", param="stop")
     options = dict(max_tokens=limit, temperature=1.0 if req.temperature is None else req.temperature,
                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-                   repetition_penalty=req.repetition_penalty, stop=stop, logprobs=logprobs,
+                   repetition_penalty=req.repetition_penalty, stop=stop,
+                   # stream_generate reports the chosen token's logprob only with logprobs >= 1.
+                   logprobs=0 if top_logprobs is None else max(top_logprobs, 1),
                    seed=None if req.seed is None else req.seed % 2**64,
                    logit_bias=_logit_bias(req.logit_bias, limits.vocab_size))
     try:  # the sampler's own checks, here so that a bad value is a 400 before anything is queued
@@ -89,11 +90,11 @@ def token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
     """A token as OpenAI's logprobs show it: its text and UTF-8 bytes. SentencePiece byte-fallback
     pieces (<0x0A>) are single bytes, and the word-boundary mark is a space."""
     piece = tokenizer.id_to_token(token) or ""
-    byte = _BYTE_PIECE.fullmatch(piece)
+    byte = BYTE_PIECE.fullmatch(piece)
     if byte:
         raw = bytes([int(byte.group(1), 16)])
         return raw.decode("utf-8", errors="replace"), list(raw)
-    text = piece.replace(SENTENCEPIECE_SPACE, " ")
+    text = piece.replace(SPACE, " ")
     return text, list(text.encode("utf-8"))
 
 
@@ -118,75 +119,96 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-@dataclass
-class Reply:
-    """What one request's response carries besides the generated text."""
+class _Answer:
+    """One request's answer as it accumulates: the whole response, or the streamed chunks."""
 
-    kind: str  # "chat.completion" or "text_completion"
-    model: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
+    id_prefix = object_name = chunk_name = ""  # set by each endpoint's subclass
 
-    def head(self, object_name: str) -> dict[str, Any]:
-        prefix = "chatcmpl-" if self.kind == "chat.completion" else "cmpl-"
-        return {"id": prefix + self.id, "object": object_name, "created": self.created, "model": self.model}
-
-
-class ChatAnswer:
-    """Accumulates a chat answer; gives the whole response or the streamed chunks."""
-
-    def __init__(self, reply: Reply, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
-        self.reply, self.tokenizer, self.prompt_tokens = reply, tokenizer, prompt_tokens
+    def __init__(self, model: str, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+        self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
         self.top = top_logprobs  # None: no logprobs asked for
+        self.id = self.id_prefix + uuid.uuid4().hex
+        self.created = int(time.time())
         self.text: list[str] = []
-        self.logprobs: list[dict[str, Any]] = []
         self.last: GenerationResponse | None = None
 
-    def add(self, r: GenerationResponse) -> dict[str, Any] | None:
-        """Record one response; return its logprobs entry (if asked for)."""
+    def head(self, object_name: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def add(self, r: GenerationResponse) -> Any:
+        """Record one response; return its logprobs entry (None unless asked for)."""
         self.text.append(r.text)
         self.last = r
-        if self.top is None:
-            return None
-        entry = chat_logprob(self.tokenizer, r, self.top)
-        self.logprobs.append(entry)
-        return entry
+        return None if self.top is None else self._logprobs(r)
+
+    def _logprobs(self, r: GenerationResponse) -> Any:
+        raise NotImplementedError
+
+    def finish_reason(self) -> str:
+        return self.last.finish_reason if self.last else "length"
 
     def usage(self, cached_tokens: int) -> dict[str, Any]:
         return usage(self.prompt_tokens, self.last.generation_tokens if self.last else 0, cached_tokens)
 
+    def opening(self) -> list[str]:
+        """Events sent before the first token."""
+        return []
+
+    def stream(self, r: GenerationResponse) -> list[str]:
+        """Record one response; the events it adds to the stream."""
+        raise NotImplementedError
+
+    def usage_chunk(self, cached_tokens: int) -> str:
+        return sse({**self.head(self.chunk_name), "choices": [], "usage": self.usage(cached_tokens)})
+
+
+class ChatAnswer(_Answer):
+    id_prefix, object_name, chunk_name = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model: str, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+        super().__init__(model, tokenizer, prompt_tokens, top_logprobs)
+        self.logprobs: list[dict[str, Any]] = []
+
+    def _logprobs(self, r: GenerationResponse) -> dict[str, Any]:
+        entry = chat_logprob(self.tokenizer, r, self.top)
+        self.logprobs.append(entry)
+        return entry
+
     def response(self, cached_tokens: int) -> dict[str, Any]:
         logprobs = {"content": self.logprobs} if self.top is not None else None
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
-                  "logprobs": logprobs, "finish_reason": self.last.finish_reason if self.last else "length"}
-        return {**self.reply.head("chat.completion"), "choices": [choice], "usage": self.usage(cached_tokens)}
+                  "logprobs": logprobs, "finish_reason": self.finish_reason()}
+        return {**self.head(self.object_name), "choices": [choice], "usage": self.usage(cached_tokens)}
 
-    def chunk(self, delta: dict[str, Any], logprob: dict[str, Any] | None = None,
-              finish_reason: str | None = None) -> str:
+    def _chunk(self, delta: dict[str, Any], logprob: dict[str, Any] | None = None,
+               finish_reason: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None if logprob is None else {"content": [logprob]},
                   "finish_reason": finish_reason}
-        return sse({**self.reply.head("chat.completion.chunk"), "choices": [choice]})
+        return sse({**self.head(self.chunk_name), "choices": [choice]})
 
-    def usage_chunk(self, cached_tokens: int) -> str:
-        return sse({**self.reply.head("chat.completion.chunk"), "choices": [], "usage": self.usage(cached_tokens)})
+    def opening(self) -> list[str]:
+        # OpenAI's order: a chunk with the role, content chunks, then one with the finish reason.
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def stream(self, r: GenerationResponse) -> list[str]:
+        logprob = self.add(r)
+        events = [self._chunk({"content": r.text}, logprob)] if r.text or logprob is not None else []
+        if r.finish_reason is not None:
+            events.append(self._chunk({}, finish_reason=r.finish_reason))
+        return events
 
 
-class CompletionAnswer:
-    """Accumulates a legacy completion (`logprobs` as that endpoint reports them)."""
+class CompletionAnswer(_Answer):
+    """A legacy completion (`logprobs` as that endpoint reports them)."""
 
-    def __init__(self, reply: Reply, tokenizer: Any, prompt_tokens: int, logprobs: int | None):
-        self.reply, self.tokenizer, self.prompt_tokens, self.top = reply, tokenizer, prompt_tokens, logprobs
-        self.text: list[str] = []
-        self.offset = 0
-        self.last: GenerationResponse | None = None
+    id_prefix, object_name, chunk_name = "cmpl-", "text_completion", "text_completion"
+
+    def __init__(self, model: str, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+        super().__init__(model, tokenizer, prompt_tokens, top_logprobs)
+        self.offset = 0  # characters of text before the next token (counted only with logprobs)
         self.logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def add(self, r: GenerationResponse) -> dict[str, list] | None:
-        self.text.append(r.text)
-        self.last = r
-        if self.top is None:
-            self.offset += len(r.text)
-            return None
+    def _logprobs(self, r: GenerationResponse) -> dict[str, list]:
         token, _ = token_text(self.tokenizer, r.token)
         top: dict[str, float] = {}
         for alt, logprob in (r.top_logprobs or [])[: self.top]:
@@ -202,15 +224,11 @@ class CompletionAnswer:
 
     def response(self, cached_tokens: int) -> dict[str, Any]:
         choice = self._choice("".join(self.text), self.logprobs if self.top is not None else None,
-                              self.last.finish_reason if self.last else "length")
-        completion = self.last.generation_tokens if self.last else 0
-        return {**self.reply.head("text_completion"), "choices": [choice],
-                "usage": usage(self.prompt_tokens, completion, cached_tokens)}
+                              self.finish_reason())
+        return {**self.head(self.object_name), "choices": [choice], "usage": self.usage(cached_tokens)}
 
-    def chunk(self, text: str, logprobs: dict[str, list] | None, finish_reason: str | None) -> str:
-        return sse({**self.reply.head("text_completion"), "choices": [self._choice(text, logprobs, finish_reason)]})
-
-    def usage_chunk(self, cached_tokens: int) -> str:
-        completion = self.last.generation_tokens if self.last else 0
-        return sse({**self.reply.head("text_completion"), "choices": [],
-                    "usage": usage(self.prompt_tokens, completion, cached_tokens)})
+    def stream(self, r: GenerationResponse) -> list[str]:
+        logprobs = self.add(r)
+        if not (r.text or logprobs is not None or r.finish_reason is not None):
+            return []
+        return [sse({**self.head(self.chunk_name), "choices": [self._choice(r.text, logprobs, r.finish_reason)]})]

@@ -4,8 +4,8 @@
     python benchmarks/vs_mlx_lm.py --hidden 1024 --ffn 3584 --layers 8 --quants 4bit
 
 1. Writes a random Mixtral-shaped Hugging Face checkpoint (benchmarks/synthetic.py) once.
-2. Converts it once per quantization (this package's converter; mlx_lm.convert if that is not
-   importable) and loads the same directory with both runtimes.
+2. Converts it once per quantization with this package's converter and loads the same directory
+   with both runtimes.
 3. Checks the logits of both on one prompt (max |difference|; mlx-lm as it runs and mlx-lm cast to
    float32, which is what this package computes in on the CPU backend).
 4. Times each package's own generation loop (generate_step, greedy) interleaved run by run, after
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from synthetic import add_shape_flags, shape_from_args, write_checkpoint  # noqa
 
 from mlx_mixtral import accounting  # noqa: E402
 from mlx_mixtral.bench import random_prompt, time_generation  # noqa: E402
+from mlx_mixtral.convert import convert  # noqa: E402
 
 QUANTS = {"4bit": {"quantize": True, "q_bits": 4}, "8bit": {"quantize": True, "q_bits": 8},
           "bf16": {"quantize": False, "dtype": "bfloat16"}}
@@ -47,26 +47,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def convert_once(src: Path, dst: Path, quant: str) -> tuple[Path, str]:
-    """The converted directory (reused when present) and which converter wrote it."""
-    marker = dst / "converted_by.txt"
-    if marker.is_file():
-        return dst, marker.read_text().strip()
-    shutil.rmtree(dst, ignore_errors=True)
-    opts = QUANTS[quant]
-    try:
-        from mlx_mixtral.convert import convert
-
-        convert(src, dst, q_group_size=64, **opts)
-        by = "mlx_mixtral.convert"
-    except ImportError:
-        from mlx_lm import convert as lm_convert
-
-        lm_convert(str(src), str(dst), quantize=opts["quantize"], q_bits=opts.get("q_bits", 4), q_group_size=64,
-                   dtype=opts.get("dtype"))
-        by = "mlx_lm.convert"
-    marker.write_text(by + "\n")
-    return dst, by
+def convert_once(src: Path, dst: Path, quant: str) -> Path:
+    """The converted directory, reused when present (convert() only ever leaves a finished one)."""
+    if not dst.is_dir():
+        convert(src, dst, q_group_size=64, **QUANTS[quant])
+    return dst
 
 
 def weight_bytes(model) -> int:
@@ -286,10 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     src = write_checkpoint(args.out / f"hf-{shape.tag()}", shape)
     results = []
     for quant in quants:
-        model_dir, by = convert_once(src, out / quant, quant)
-        log(f"{quant}: {model_dir} (converted by {by})")
+        model_dir = convert_once(src, out / quant, quant)
+        log(f"{quant}: {model_dir}")
         res = bench_quant(quant, model_dir, args)
-        res["converted_by"] = by
         results.append(res)
         mx.clear_cache()
     meta = {"shape": shape.__dict__, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

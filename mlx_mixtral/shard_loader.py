@@ -20,7 +20,7 @@ from .config import ConfigError, ModelArgs, read_config
 from .loader import (LoadError, _check_against_model, _wire_model_memory, check_memory, default_dtype,
                      quantize_like_checkpoint)
 from .model import Mixtral, sanitize
-from .sharding import ShardPlan, plan_shards, shard_modules
+from .sharding import plan_shards, shard_modules
 from .weights import TensorInfo, WeightsError, find_weight_files, read_headers
 
 # safetensors dtype -> numpy dtype of the same width; bfloat16 travels as its raw 16 bits.
@@ -103,7 +103,14 @@ def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: m
     """This rank's part of the model in `model_dir` (see sharding.py for the split), with the same
     checks and dtype rules as `load_model`. The plan is at `model.shard_plan`."""
     model_dir = Path(model_dir)
-    args, headers, sources, shapes = _inspect(model_dir)
+    try:
+        args = ModelArgs.from_dict(read_config(model_dir))
+        headers = read_headers(find_weight_files(model_dir))
+    except (ConfigError, WeightsError) as e:
+        raise LoadError(str(e)) from None
+    sources = source_tensors(headers, args, model_dir)
+    # `sanitize` renames only the per-expert tensors it stacks (source_tensors refuses native names).
+    shapes = {name: (() if src == [name] else (len(src),)) + headers[src[0]].shape for name, src in sources.items()}
     plan = plan_shards(args, group.size(), shapes)
     rank = group.rank()
 
@@ -112,7 +119,7 @@ def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: m
         for name, src in sources.items():
             spec = plan.slice_of(name, shapes[name], rank)
             parts = [read_slice(headers[s], spec) for s in src]
-            weights[name] = mx.stack(parts) if len(parts) > 1 else parts[0]
+            weights[name] = parts[0] if src == [name] else mx.stack(parts)  # (E, ...) even for E = 1
             mx.eval(weights[name])  # one tensor at a time: the parts are freed before the next read
     except WeightsError as e:
         raise LoadError(str(e)) from None
@@ -135,20 +142,3 @@ def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: m
     model.shard_plan = plan
     return model
 
-
-def plan_for_dir(model_dir: str | Path, size: int) -> ShardPlan:
-    """The plan `load_sharded` would use for `size` ranks, read from headers only (no weights)."""
-    args, _, _, shapes = _inspect(Path(model_dir))
-    return plan_shards(args, size, shapes)
-
-
-def _inspect(model_dir: Path):
-    """(args, headers, parameter -> source tensors, parameter -> full shape) from config and headers."""
-    try:
-        args = ModelArgs.from_dict(read_config(model_dir))
-        headers = read_headers(find_weight_files(model_dir))
-    except (ConfigError, WeightsError) as e:
-        raise LoadError(str(e)) from None
-    sources = source_tensors(headers, args, model_dir)
-    shapes = {name: ((len(src),) if len(src) > 1 else ()) + headers[src[0]].shape for name, src in sources.items()}
-    return args, headers, sources, shapes

@@ -137,11 +137,23 @@ def test_source_tensors_maps_hf_experts_in_order(tiny_hf_dir):
 
 
 def test_native_layout_is_refused_clearly(tmp_path):
-    from mlx_mixtral.shard_loader import plan_for_dir
+    from mlx_mixtral.shard_loader import load_sharded
 
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
                                                       "hidden_dim": 96, "vocab_size": 128, "norm_eps": 1e-5}))
     mx.save_safetensors(str(tmp_path / "consolidated.safetensors"),
                         {"layers.0.attention.wq.weight": mx.zeros((64, 64))})
     with pytest.raises(LoadError, match=r"Mistral-native tensor names .*convert it first with `mlx-mixtral convert`"):
-        plan_for_dir(tmp_path, 2)
+        load_sharded(tmp_path, mx.distributed.init())  # a group of one: no launch needed
+
+
+def test_group_of_one_loads_a_single_expert_hf_checkpoint_like_load_model(tmp_path):
+    """Per-expert HF tensors are stacked to (E, out, in) even when E = 1."""
+    from mlx_mixtral import load_model
+    from mlx_mixtral.shard_loader import load_sharded
+    from tiny_models import make_hf_checkpoint
+
+    model_dir = make_hf_checkpoint(tmp_path / "e1", seed=6, num_local_experts=1, num_experts_per_tok=1)
+    tokens = mx.array([[1, 17, 93, 5]])
+    got = load_sharded(model_dir, mx.distributed.init())(tokens)  # (1, 4, V)
+    assert mx.allclose(got, load_model(model_dir)(tokens), rtol=1e-5, atol=1e-6)

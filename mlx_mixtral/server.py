@@ -73,11 +73,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _listen(host: str, port: int) -> socket.socket | None:
+    """The bound socket, or None once the reason it cannot be had is on stderr."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        print(f"mlx-mixtral serve: cannot listen on {host}:{port} ({e.strerror})", file=sys.stderr)
+        return None
     return sock
 
 
@@ -100,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sock = None
     if not args.distributed:  # a taken port fails before minutes of loading (ranks bind once loaded)
-        try:
-            sock = _bind(args.host, args.port)
-        except OSError as e:
-            print(f"mlx-mixtral serve: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
+        sock = _listen(args.host, args.port)
+        if sock is None:
             return 1
     status = _serve(args, sock)
     # Once a model was loaded on the worker thread, MLX (0.32.4 here) can abort while the interpreter
@@ -138,11 +141,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
         print(f"mlx-mixtral serve: --chat-template: {e}", file=sys.stderr)
         worker.stop()
         return 1
-    if sock is None:
-        try:
-            sock = _bind(args.host, args.port)
-        except OSError as e:
-            print(f"mlx-mixtral serve: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
+    if sock is None:  # --distributed: rank 0 binds only now
+        sock = _listen(args.host, args.port)
+        if sock is None:
             worker.stop()
             return 1
     settings = Settings(

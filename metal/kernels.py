@@ -180,11 +180,16 @@ def fused_switch_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_pro
     return y.reshape(x.shape)  # (B, L, D)
 
 
-@contextmanager
 def builtin_ops():
     """Within this block SwitchGLU takes the built-in gathered ops, also on a Mac (for A/B runs)."""
+    return kernels_setting(False)
+
+
+@contextmanager
+def kernels_setting(on: bool):
+    """Within this block SwitchGLU takes the fused kernels where it can (on) or never (off)."""
     saved = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = "0"
+    os.environ[KERNELS_ENV] = "1" if on else "0"
     try:
         yield
     finally:

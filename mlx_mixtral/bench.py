@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -217,13 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     if not metal and args.kernels != "off":
         print("fused kernels need a Metal GPU; this machine runs the built-in ops either way", file=sys.stderr)
         settings = ["off"]
-    from .experts import KERNELS_ENV
+    from .metal.kernels import kernels_setting
 
-    saved = os.environ.get(KERNELS_ENV)
     rows = []
-    try:
-        for setting in settings:
-            os.environ[KERNELS_ENV] = "1" if setting == "on" else "0"
+    for setting in settings:
+        with kernels_setting(setting == "on"):
             measure_ours(model, 16, 2, 1)  # warm-up: first-call allocations and kernel builds
             for length in args.prompt_lengths:
                 print(f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens "
@@ -233,11 +230,6 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(kernels=setting, roofline_tps=roof,
                          roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof)
                 rows.append(r)
-    finally:
-        if saved is None:
-            os.environ.pop(KERNELS_ENV, None)
-        else:
-            os.environ[KERNELS_ENV] = saved
 
     kernel_layer = None
     if metal and args.kernels == "both":

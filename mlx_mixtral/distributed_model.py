@@ -105,18 +105,19 @@ class DistributedModel:
     def chat(self, **kwargs: Any) -> "DistributedChat":
         """A `ChatSession` on every rank (same keyword arguments), driven from rank 0."""
         sid = next(self._session_ids)
-        kwargs = _encode_options(kwargs)
-        for _ in lead(self.group, {"op": "chat.open", "id": sid, "kwargs": kwargs}, self._handlers):
-            pass
+        self._run({"op": "chat.open", "id": sid, "kwargs": _encode_options(kwargs)})
         return DistributedChat(self, sid)
 
     def prefix_cache(self, capacity: int, max_kv_size: int | None = None) -> "DistributedPrefixCache":
         """A server's `PrefixCache` on every rank (each holds its own heads' keys and values)."""
         sid = next(self._session_ids)
-        request = {"op": "prefix.open", "id": sid, "capacity": capacity, "max_kv_size": max_kv_size}
+        self._run({"op": "prefix.open", "id": sid, "capacity": capacity, "max_kv_size": max_kv_size})
+        return DistributedPrefixCache(self, sid)
+
+    def _run(self, request: dict[str, Any]) -> None:
+        """A request that yields nothing (opening or resetting a session) on every rank."""
         for _ in lead(self.group, request, self._handlers):
             pass
-        return DistributedPrefixCache(self, sid)
 
     def close(self) -> None:
         """Rank 0 at the end: the followers return from `follow`."""
@@ -150,7 +151,6 @@ class DistributedModel:
         self._sessions[request["id"]].reset(request["system"])
         return iter(())
 
-
     def _prefix_open(self, request: dict[str, Any]) -> Iterator[None]:
         max_kv_size = request["max_kv_size"]
         self._prefix_caches[request["id"]] = PrefixCache(lambda: self.model.make_cache(max_kv_size),
@@ -180,14 +180,10 @@ class DistributedChat:
                    "options": _seeded(_encode_options(options), session_seed)}
         return lead(self._dm.group, request, self._dm._handlers, _token_or_none)
 
-    def send(self, text: str, **options: Any) -> Iterator[str]:
-        for response in self.stream(text, **options):
-            if response.text:
-                yield response.text
+    send = ChatSession.send  # the text pieces of `stream` above
 
     def reset(self, system: str | None = None) -> None:
-        for _ in lead(self._dm.group, {"op": "chat.reset", "id": self._sid, "system": system}, self._dm._handlers):
-            pass
+        self._dm._run({"op": "chat.reset", "id": self._sid, "system": system})
 
     def save(self, path: str | Path) -> None:
         raise ValueError("saving a chat session is not supported with --distributed (each rank holds part of its "

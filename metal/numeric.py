@@ -19,8 +19,12 @@ KERNEL_TOLERANCE = {"float32": (1e-5, 1e-5), "float16": (2.0**-10, 1e-4), "bfloa
 PIPELINE_TOLERANCE = {"float32": (1e-5, 2e-5), "float16": (2.0**-9, 2.0**-8), "bfloat16": (2.0**-6, 2.0**-5)}
 
 
+# The activation dtypes the kernels build for, by the names the tolerances use.
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
 def dtype_name(dtype: mx.Dtype) -> str:
-    return {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def to_f64(a: mx.array) -> np.ndarray:
@@ -36,22 +40,22 @@ def unpack_affine(packed: mx.array, scales: mx.array, biases: mx.array, group_si
     q = (words[..., None] >> shifts) & np.uint64((1 << bits) - 1)  # (..., out, words, per_word)
     q = q.reshape(*words.shape[:-1], -1).astype(np.float64)  # (..., out, in)
     s = np.repeat(to_f64(scales), group_size, axis=-1)  # (..., out, in)
-    b = np.repeat(to_f64(biases), group_size, axis=-1)
+    b = np.repeat(to_f64(biases), group_size, axis=-1)  # (..., out, in)
     return s * q + b
 
 
 def gate_up64(x: np.ndarray, ids: np.ndarray, gate: np.ndarray, up: np.ndarray, top_k: int) -> np.ndarray:
     """x (T, D), ids (P,), gate/up (E, F, D) -> silu(x Wg^T) * (x Wu^T) per pair: (P, F)."""
     pair_x = x[np.arange(ids.size) // top_k]  # (P, D)
-    g = np.einsum("pd,pfd->pf", pair_x, gate[ids])
-    u = np.einsum("pd,pfd->pf", pair_x, up[ids])
+    g = np.einsum("pd,pfd->pf", pair_x, gate[ids])  # (P, F)
+    u = np.einsum("pd,pfd->pf", pair_x, up[ids])  # (P, F)
     return g / (1.0 + np.exp(-g)) * u
 
 
 def down64(h: np.ndarray, ids: np.ndarray, weights: np.ndarray, down: np.ndarray, top_k: int) -> np.ndarray:
     """h (P, F), ids (P,), weights (P,), down (E, D, F) -> sum_k w_k h_k Wd^T: (T, D)."""
     per_pair = np.einsum("pf,pdf->pd", h, down[ids]) * weights[:, None]  # (P, D)
-    return per_pair.reshape(-1, top_k, per_pair.shape[-1]).sum(axis=1)
+    return per_pair.reshape(-1, top_k, per_pair.shape[-1]).sum(axis=1)  # (T, D)
 
 
 def compare(out: np.ndarray, ref: np.ndarray, tolerance: tuple[float, float], what: str) -> float:

@@ -20,9 +20,8 @@ import numpy as np
 
 from . import emulator
 from .kernels import DOWN, GATE_UP, SIMDGROUPS, ExpertGeometry, launch_down, launch_gate_up, make_kernel
-from .numeric import KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, gate_up64, to_f64, unpack_affine
+from .numeric import DTYPES, KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, gate_up64, to_f64, unpack_affine
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 EXPERTS = 4
 # (D, F) per group size: multiples of the group size that leave the last 512-value (4-bit) or
 # 256-value (8-bit) block of a row partial, and, at group size 128, take two blocks per lane.

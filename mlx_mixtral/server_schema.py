@@ -25,6 +25,9 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+FinishReason = Optional[Literal["stop", "length"]]  # None until the last token
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 class ErrorDetail(BaseModel):
@@ -132,14 +135,20 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletion(BaseModel):
+class _Response(BaseModel):
+    """The fields every generation response and streamed chunk starts with."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str  # each response's own constant
     created: int
     model: str
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -153,17 +162,14 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Response):
     """One server-sent event of a streamed chat completion (`data: {...}`; the stream ends with
     `data: [DONE]`). With stream_options.include_usage the last chunk has no choices and the usage."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Optional[Usage] = None
 
@@ -179,17 +185,14 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: FinishReason = None
 
 
-class Completion(BaseModel):
+class Completion(_Response):
     """A completion; streamed, each server-sent event is one of these with the new text (no usage
     except in the last event when stream_options.include_usage)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
 

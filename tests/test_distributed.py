@@ -23,6 +23,7 @@ from mlx_mixtral import load_model
 from tiny_models import make_hf_checkpoint
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+LAUNCHER = Path(sys.executable).with_name("mlx.launch")
 LAUNCH_TIMEOUT = 120
 # Float32 sums split over ranks differ from one process's by rounding only (~1e-7 relative); a
 # wrong head, group or expert slice changes logits by 1e-1 or more.
@@ -52,11 +53,16 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
+def launch_cmd(n: int, *argv: str) -> list[str]:
+    """`mlx.launch` running `argv` (a script and its arguments, or `--`, `-m`, a module, ...) as n
+    ranks of the ring backend over 127.0.0.1."""
+    return [str(LAUNCHER), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), "--python", sys.executable,
+            *argv]
+
+
 def _launch(n: int, out: Path, models: str, *extra: str) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launcher), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), "--python", sys.executable,
-           str(WORKER), str(out), models, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
+    return subprocess.run(launch_cmd(n, str(WORKER), str(out), models, *extra), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
 
 
 def _rel_err(out, ref) -> float:
@@ -206,10 +212,8 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     from tiny_models import add_tokenizer
 
     model_dir = add_tokenizer(make_hf_checkpoint(tmp_path / "m", vocab_size=32000, seed=5))
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    run = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "-p", str(_free_ports(2)), "--python",
-                          sys.executable, str(WORKER.with_name("distributed_api_worker.py")), str(tmp_path),
-                          str(model_dir)], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
+    cmd = launch_cmd(2, str(WORKER.with_name("distributed_api_worker.py")), str(tmp_path), str(model_dir))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
     assert (tmp_path / "api.json").is_file(), run.stderr
     got = json.loads((tmp_path / "api.json").read_text())
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
 from mlx_mixtral.tokenizer import load_tokenizer
-from test_distributed import _free_ports
+from test_distributed import launch_cmd
 from tiny_models import add_tokenizer, make_hf_checkpoint
 
 TIMEOUT = 180
@@ -28,10 +27,8 @@ def _single(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def _launched(n: int, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launcher), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), "--python", sys.executable,
-           "--", "-m", "mlx_mixtral", *args, "--distributed"]
-    return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=TIMEOUT)
+    return subprocess.run(launch_cmd(n, "--", "-m", "mlx_mixtral", *args, "--distributed"), capture_output=True,
+                          text=True, input=stdin, timeout=TIMEOUT)
 
 
 def test_generate_distributed_prints_the_memorized_continuation(memorized):

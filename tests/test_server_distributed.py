@@ -5,9 +5,7 @@ cache and cancellation work across ranks, and Ctrl-C to the process group ends b
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,32 +14,15 @@ import httpx
 import pytest
 
 from server_harness import EOS, shared
+from test_distributed import LAUNCHER, launch_cmd
 
-LAUNCHER = Path(sys.executable).with_name("mlx.launch")
 pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="mlx.launch is not installed")
-
-
-def _free_port_pair() -> int:
-    """A base port with base and base+1 free (ring backend: one port per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no two free ports in a row")
 
 
 @pytest.fixture(scope="module")
 def launched():
-    cmd = [str(LAUNCHER), "-n", "2", "--backend", "ring", "-p", str(_free_port_pair()), "--python", sys.executable,
-           "--", "-m", "mlx_mixtral", "serve", "--distributed", "--model", str(shared("model_dir")), "--port", "0",
-           "--log-level", "warning"]
+    cmd = launch_cmd(2, "--", "-m", "mlx_mixtral", "serve", "--distributed", "--model", str(shared("model_dir")),
+                     "--port", "0", "--log-level", "warning")
     # A session of its own, so the test can Ctrl-C the whole group as a terminal would.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log: list[str] = []

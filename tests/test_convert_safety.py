@@ -46,7 +46,9 @@ def test_output_files_follow_mlx_lm_format(tmp_path, hf_dir):
     for shard in shards:
         assert shard.stat().st_size <= 50_000 + 4096  # the limit counts tensor bytes, not the header
         with open(shard, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        assert header_len % 8 == 0  # tensor data starts 8-byte aligned (space-padded header)
         assert header.pop("__metadata__") == {"format": "mlx"}
         for name, info in header.items():
             assert index["weight_map"][name] == shard.name

@@ -200,3 +200,18 @@ def test_chat_page_loads_nothing_from_elsewhere(page):
     urls = [e["params"]["request"]["url"] for e in page.tools.events if e.get("method") == "Network.requestWillBeSent"]
     assert urls and all(u.startswith(page.url + "/") for u in urls), urls
     assert {page.url + "/static/chat.js", page.url + "/static/chat.css"} <= set(urls)
+
+
+def test_new_chat_during_an_answer_leaves_it_behind(page):
+    """"New chat" while an answer streams: the next conversation starts empty, not with that answer."""
+    ref = shared("reference")
+    page.eval("document.getElementById('max-tokens').value = '2000'; true")  # no EOS comes that soon here
+    page.type_and_send("Tell me a long story")
+    page.wait_for("(document.querySelector('.message.assistant.streaming') || {}).textContent")
+    page.eval("document.getElementById('new-chat').click(); "
+              "document.getElementById('max-tokens').value = '16'; true")
+    page.wait_for("document.body.dataset.state === 'idle'")
+    page.type_and_send("A fresh start")
+    fresh = [{"role": "user", "content": "A fresh start"}]
+    assert page.answer() == ref.greedy(ref.chat_ids(fresh), 16)[1]
+    assert page.usage()[0] == len(ref.chat_ids(fresh))

@@ -75,12 +75,15 @@ function showUsage(usage, seconds) {
 }
 
 async function send(text) {
-  state.history.push({ role: "user", content: text });
+  // This turn's conversation: "New chat" during the answer replaces state.history, and the answer
+  // must not land in the new one.
+  const history = state.history;
+  history.push({ role: "user", content: text });
   bubble("user", text);
   const answer = bubble("assistant streaming", "");
   const system = $("system").value.trim();
   const body = {
-    messages: (system ? [{ role: "system", content: system }] : []).concat(state.history),
+    messages: (system ? [{ role: "system", content: system }] : []).concat(history),
     stream: true,
     stream_options: { include_usage: true },
     temperature: Number($("temperature").value),
@@ -115,13 +118,13 @@ async function send(text) {
     if (e.name !== "AbortError") {
       bubble("error", String(e.message || e));
       if (!answered) {  // the turn did not happen: keep the roles alternating
-        state.history.pop();
+        history.pop();
         answer.remove();
       }
     }
   } finally {
     answer.classList.remove("streaming");
-    if (answered) state.history.push({ role: "assistant", content: answered });
+    if (answered) history.push({ role: "assistant", content: answered });
     state.controller = null;
     setBusy(false);
   }

@@ -18,7 +18,7 @@ from .model import HF_EXPERT_NAMES, Mixtral, sanitize
 from .weights import INDEX_NAME, WeightsError, find_weight_files, read_headers, read_weight_map
 
 # What a model needs from a hub repository; the weights are chosen once the index is known.
-_HUB_METADATA = ["*.json", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
+_HUB_METADATA = ["*.json", "*.jinja", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
 
 
 class LoadError(ValueError):

@@ -10,7 +10,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mlx_mixtral.tokenizer import load_tokenizer
 from tiny_models import mistral_tokenizer_path
-from tokenizer_fixtures import hf_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
+from tokenizer_fixtures import hf_tokenizer, loaded_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
 
 
 def U(content):  # noqa: N802 - short names keep the conversations readable
@@ -58,7 +58,7 @@ def _reference(version, messages, mode=ValidationMode.test):
 
 @pytest.mark.parametrize("kind", MISTRAL_KINDS)
 def test_mistral_format_matches_mistral_common(kind):
-    tok = load_tokenizer(tokenizer_dir(kind))
+    tok = loaded_tokenizer(kind)
     version = kind[:2]
     assert tok.chat_template_name == f"mistral-{version}"
     for messages in CONVERSATIONS:
@@ -67,7 +67,7 @@ def test_mistral_format_matches_mistral_common(kind):
 
 @pytest.mark.parametrize("kind", ["v1", "v3-json"])
 def test_finished_and_continued_conversations(kind):
-    tok = load_tokenizer(tokenizer_dir(kind))
+    tok = loaded_tokenizer(kind)
     version = kind[:2]
     for messages in ([U("a"), A("b")], [S("sys"), U("a"), A("b "), U("c"), A("d  ")]):
         expected = _reference(version, messages, ValidationMode.finetuning)
@@ -91,7 +91,7 @@ REJECTED = [
 
 @pytest.mark.parametrize("version", ["v1", "v3"])
 def test_rejected_conversations_raise_one_line_value_errors(version):
-    tok = load_tokenizer(tokenizer_dir(version))
+    tok = loaded_tokenizer(version)
     for messages in REJECTED:
         with pytest.raises(Exception):
             _reference(version, messages)
@@ -208,7 +208,7 @@ def test_template_override():
         _hf_ids(hf, messages, chat_template=INST_STYLE, add_generation_prompt=True)
     with pytest.raises(ValueError, match="unknown chat template 'chatml'"):
         ours.apply_chat_template(messages, template="chatml")
-    plain = load_tokenizer(tokenizer_dir("v1"))
+    plain = loaded_tokenizer("v1")
     with pytest.raises(ValueError, match="no Jinja chat template"):
         plain.apply_chat_template(messages, template="jinja")
     with pytest.raises(ValueError, match="mistral-v3 format needs the \\[INST\\]"):

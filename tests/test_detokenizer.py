@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mlx_mixtral.detokenizer import PieceDetokenizer, WindowDetokenizer
 from mlx_mixtral.tokenizer import load_tokenizer
-from tokenizer_fixtures import BASE_VOCAB, hf_tokenizer, tokenizer_dir
+from tokenizer_fixtures import BASE_VOCAB, BYTE0, hf_tokenizer, loaded_tokenizer, tokenizer_dir
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -25,7 +25,7 @@ def _ids(kind):
     """Token ids weighted towards the hard cases: byte pieces (partial UTF-8), specials between
     bytes, the bare meta-space piece, added tokens, and ids past the end of the vocabulary."""
     n = BASE_VOCAB[kind[:2]]
-    byte0 = 3 if kind.startswith("v1") else 771
+    byte0 = BYTE0[kind[:2]]
     space = 28705 if kind.startswith("v1") else 29473
     utf8_lead = st.sampled_from([byte0 + b for b in (0xC3, 0xE2, 0xE6, 0xF0, 0xF0)])
     utf8_cont = st.integers(byte0 + 0x80, byte0 + 0xBF)
@@ -36,8 +36,7 @@ def _ids(kind):
 
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request):
-    path = tokenizer_dir(request.param)
-    return request.param, load_tokenizer(path), hf_tokenizer(str(path))
+    return request.param, loaded_tokenizer(request.param), hf_tokenizer(str(tokenizer_dir(request.param)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -45,7 +44,7 @@ def pair(request):
 @SETTINGS
 @given(data=st.data())
 def test_chunks_join_to_the_full_decode(kind, skip_special, data):
-    ours, hf = load_tokenizer_cached(kind), hf_tokenizer(str(tokenizer_dir(kind)))
+    ours, hf = loaded_tokenizer(kind), hf_tokenizer(str(tokenizer_dir(kind)))
     ids = data.draw(_ids(kind))
     chunks = _stream(ours.detokenizer(skip_special=skip_special), ids)
     full = hf.decode(ids, skip_special_tokens=skip_special)
@@ -59,20 +58,11 @@ def test_chunks_join_to_the_full_decode(kind, skip_special, data):
                     max_size=60))
 def test_streamed_text_is_never_broken(text):
     for kind in KINDS:
-        ours = load_tokenizer_cached(kind)
+        ours = loaded_tokenizer(kind)
         ids = ours.encode(text, bos=False)
         chunks = _stream(ours.detokenizer(), ids)
         assert "".join(chunks) == ours.decode(ids)
         assert not any("\ufffd" in c for c in chunks), (text, chunks)
-
-
-_CACHE = {}
-
-
-def load_tokenizer_cached(kind):
-    if kind not in _CACHE:
-        _CACHE[kind] = load_tokenizer(tokenizer_dir(kind))
-    return _CACHE[kind]
 
 
 def test_space_between_words_survives_chunk_boundaries(pair):
@@ -88,7 +78,7 @@ def test_space_between_words_survives_chunk_boundaries(pair):
 
 def test_incomplete_utf8_is_held_back(pair):
     kind, ours, hf = pair
-    byte0 = 3 if kind.startswith("v1") else 771
+    byte0 = BYTE0[kind[:2]]
     emoji = [byte0 + b for b in "🦙".encode()]  # a rare emoji: four byte-fallback pieces
     x = ours.encode("x", bos=False)
     det = ours.detokenizer()

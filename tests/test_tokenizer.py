@@ -3,7 +3,6 @@
 import json
 import random
 import shutil
-from functools import lru_cache
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +10,8 @@ from hypothesis import strategies as st
 
 from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
 from tiny_models import mistral_tokenizer_path
-from tokenizer_fixtures import BASE_VOCAB, CORPUS, hf_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
+from tokenizer_fixtures import (BASE_VOCAB, BYTE0, CORPUS, hf_tokenizer, loaded_tokenizer, tokenizer_config,
+                               tokenizer_dir, write_sp_dir)
 
 KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy", "v1-nonlegacy-json", "v1-both", "v1-nonlegacy-both",
          "v3-hubjson"]
@@ -31,8 +31,7 @@ TEXTS = CORPUS + _random_texts(0, 150)
 
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request):
-    path = tokenizer_dir(request.param)
-    return request.param, load_tokenizer(path), hf_tokenizer(str(path))
+    return request.param, loaded_tokenizer(request.param), hf_tokenizer(str(tokenizer_dir(request.param)))
 
 
 def test_backend_follows_the_files(pair):
@@ -55,7 +54,7 @@ def test_decode_matches_transformers(pair):
     sequences = [hf.encode(t) for t in TEXTS[:60]]
     # Random ids favouring the troublesome ones: byte pieces (3..258 in v1, 771.. in v3),
     # specials, the meta-space piece, the ChatML tokens, and ids past the end of the vocabulary.
-    byte0 = 3 if kind.startswith("v1") else 771
+    byte0 = BYTE0[kind[:2]]
     interesting = [0, 1, 2, 3, 4, n, n + 1, n + 5, 28705, 29473, *range(byte0, byte0 + 256)]
     for _ in range(300):
         sequences.append([rng.choice(interesting) if rng.random() < 0.6 else rng.randrange(n)
@@ -67,7 +66,7 @@ def test_decode_matches_transformers(pair):
 
 def test_sentencepiece_and_tokenizer_json_dirs_agree():
     for base in ("v1", "v3", "v1-nonlegacy"):
-        sp_tok, json_tok = load_tokenizer(tokenizer_dir(base)), load_tokenizer(tokenizer_dir(base + "-json"))
+        sp_tok, json_tok = loaded_tokenizer(base), loaded_tokenizer(base + "-json")
         for text in TEXTS:
             assert sp_tok.encode(text) == json_tok.encode(text), (base, text)
             ids = sp_tok.encode(text)
@@ -81,14 +80,14 @@ def test_raw_encoding_is_sentencepiece(kind):
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_tokenizer_path(kind[:2])))
-    backend = load_tokenizer(tokenizer_dir(kind))._backend
+    backend = loaded_tokenizer(kind)._backend
     for text in TEXTS:
         assert backend.encode_raw(text) == sp.encode(text), (kind, text)
 
 
 def test_special_ids_and_eos_set():
     for kind in ("v1", "v3-json"):
-        tok = load_tokenizer(tokenizer_dir(kind))
+        tok = loaded_tokenizer(kind)
         n = BASE_VOCAB[kind[:2]]
         assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
         assert tok.eos_token_ids == frozenset({2, n})  # generation_config.json lists <|im_end|> too
@@ -178,10 +177,4 @@ def test_bad_files_errors(tmp_path):
                   max_size=12).map("".join))
 def test_any_text_encodes_like_transformers(text):
     for kind in ("v1", "v3-json", "v1-nonlegacy"):
-        path = tokenizer_dir(kind)
-        assert _loaded(path).encode(text) == hf_tokenizer(str(path)).encode(text), (kind, text)
-
-
-@lru_cache(maxsize=None)
-def _loaded(path):
-    return load_tokenizer(path)
+        assert loaded_tokenizer(kind).encode(text) == hf_tokenizer(str(tokenizer_dir(kind))).encode(text), (kind, text)

@@ -19,6 +19,7 @@ from tiny_models import mistral_tokenizer_path
 
 CHATML = ("<|im_end|>", "<|im_start|>")
 BASE_VOCAB = {"v1": 32000, "v3": 32768}
+BYTE0 = {"v1": 3, "v3": 771}  # id of the byte piece <0x00>; <0xHH> is BYTE0 + 0xHH
 
 # A corpus that exercises what breaks tokenizers: code, CJK, emoji (ZWJ sequences too), whitespace
 # runs, leading spaces, newlines, tabs, control and rare bytes, combining marks, the meta-space
@@ -85,6 +86,14 @@ def hf_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+@lru_cache(maxsize=None)
+def loaded_tokenizer(kind: str):
+    """Our tokenizer of tokenizer_dir(kind), loaded once per test process."""
+    from mlx_mixtral.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir(kind))
 
 
 @lru_cache(maxsize=None)

@@ -3,8 +3,9 @@
     python distributed_api_worker.py OUT_DIR MODEL_DIR
 
 Rank 0 streams a seeded sampled completion, an unseeded one (rank 0 picks the seed for every rank),
-a chat of three turns (the second stopped early by its consumer) and server-style requests through
-a prefix cache, then writes what it got to OUT_DIR/api.json; the other ranks follow.
+a greedy and a seeded sampled chat of three turns each (the second stopped early by its consumer)
+and server-style requests through a prefix cache, then writes what it got to OUT_DIR/api.json; the
+other ranks follow.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mlx_mixtral.distributed import DistributedError
 from mlx_mixtral.distributed_model import DistributedModel
 
 CHAT = ["Hi there", "Tell me more", "And then?"]
+SEEDED_CHAT = dict(temperature=0.9, top_k=20, seed=3)  # the session's seed serves every turn, as in one process
 
 
 def run_chat(chat) -> dict:
@@ -57,6 +59,7 @@ def main() -> int:
                                                           top_k=20, seed=11)],
         "unseeded": [r.token for r in dm.stream_generate("Hello", max_tokens=6, temperature=1.0)],
         "chat": run_chat(dm.chat(temperature=0.0)),
+        "seeded_chat": run_chat(dm.chat(**SEEDED_CHAT)),
         "served": run_served(dm.prefix_cache(2)),
     }
     dm.close()

@@ -205,7 +205,7 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     """The library behind `--distributed`: sampled generation (seeded, and seeded by rank 0), a chat
     whose second turn is cut short, and server requests through a prefix cache give what one
     process gives."""
-    from distributed_api_worker import run_chat
+    from distributed_api_worker import SEEDED_CHAT, run_chat
     from mlx_mixtral.chat import ChatSession
     from mlx_mixtral.generate import stream_generate
     from mlx_mixtral.tokenizer import load_tokenizer
@@ -222,6 +222,7 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     assert got["sampled"] == [r.token for r in sampled]
     assert len(got["unseeded"]) == 6
     assert got["chat"] == json.loads(json.dumps(run_chat(ChatSession(model, tokenizer, temperature=0.0))))
+    assert got["seeded_chat"] == json.loads(json.dumps(run_chat(ChatSession(model, tokenizer, **SEEDED_CHAT))))
     assert got["served"] == _served_by_one_process(model, tokenizer)
     assert [r["cached"] for r in got["served"]] == [0, 4, 2]  # the stopped request's cache was kept
 

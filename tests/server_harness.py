@@ -28,6 +28,43 @@ def make_chat_model(path: Path) -> Path:
     return add_tokenizer(path)
 
 
+def wait_for_health(url: str, log: list[str], timeout: float = 60.0) -> None:
+    """Return once the server at `url` answers /health; else fail with what it logged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server at {url} did not answer /health:\n{''.join(log)}")
+
+
+def leave_mid_stream(url: str, path: str, body: dict, events: int = 4) -> float:
+    """POST a streaming request, read `events` server-sent events, then close the connection as a
+    client that gives up does; the time it closed."""
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + path, json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            for line in response.iter_lines():
+                seen += line.startswith("data:")
+                if seen == events:
+                    break
+        return time.monotonic()  # leaving the block closed the connection
+
+
+def wait_idle(url: str, cancelled: int, timeout: float = 30.0) -> dict:
+    """/health once the worker is idle and has cancelled at least `cancelled` generations."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = httpx.get(url + "/health", timeout=5).json()
+        if not h["busy"] and h["cancelled"] >= cancelled:
+            return h
+        time.sleep(0.01)
+    raise AssertionError(f"the worker is still busy {timeout} s after the client left: {h}")
+
+
 class LiveServer:
     """`python -m mlx_mixtral serve ... --port 0` in a subprocess; `url` once it answers /health."""
 
@@ -38,7 +75,7 @@ class LiveServer:
         self.log: list[str] = []
         self.url = self._wait_for_address()
         threading.Thread(target=self._drain, daemon=True).start()  # keep the pipe from filling up
-        self._wait_for_health()
+        wait_for_health(self.url, self.log)
 
     def _wait_for_address(self) -> str:
         for line in self.proc.stderr:
@@ -50,16 +87,6 @@ class LiveServer:
     def _drain(self) -> None:
         for line in self.proc.stderr:
             self.log.append(line)
-
-    def _wait_for_health(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError(f"server at {self.url} did not answer /health:\n{''.join(self.log)}")
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()

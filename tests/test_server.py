@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from mlx_mixtral.chat import common_prefix_length
-from server_harness import EOS, LiveServer, shared
+from server_harness import EOS, LiveServer, leave_mid_stream, shared, wait_idle
 
 openai = pytest.importorskip("openai")
 
@@ -178,16 +178,6 @@ def test_twenty_concurrent_streams_match_a_single_request(client, server):
     assert after["failed"] == before["failed"] and not after["busy"] and after["queued"] == 0
 
 
-def _wait_idle(server, cancelled: int, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        h = server.health()
-        if not h["busy"] and h["cancelled"] >= cancelled:
-            return h
-        time.sleep(0.01)
-    raise AssertionError(f"the worker is still busy {timeout} s after the client left: {server.health()}")
-
-
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_dropped_stream_frees_the_worker(server, endpoint, capsys):
     """A client that leaves mid-stream cancels its generation: the worker goes idle long before
@@ -198,16 +188,8 @@ def test_dropped_stream_frees_the_worker(server, endpoint, capsys):
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "Talk forever"}]
     else:
         path, body["prompt"] = "/v1/completions", "Once upon a time"
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", server.url + path, json=body) as response:
-            assert response.status_code == 200
-            events = 0
-            for line in response.iter_lines():
-                events += line.startswith("data:")
-                if events == 4:
-                    break
-        left = time.monotonic()  # leaving the block closed the connection
-    after = _wait_idle(server, before["cancelled"] + 1)
+    left = leave_mid_stream(server.url, path, body)
+    after = wait_idle(server.url, before["cancelled"] + 1)
     with capsys.disabled():
         print(f"\n[{endpoint}] worker free {time.monotonic() - left:.3f} s after the client left "
               f"({after['generated_tokens'] - before['generated_tokens']} tokens generated)")
@@ -224,7 +206,7 @@ def test_dropped_non_streaming_request_frees_the_worker(server):
     body = {"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "logit_bias": {str(EOS): -100}}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
-    after = _wait_idle(server, before["cancelled"] + 1)
+    after = wait_idle(server.url, before["cancelled"] + 1)
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
     assert after["generated_tokens"] - before["generated_tokens"] < 4000
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_harness import EOS, shared
+from server_harness import EOS, leave_mid_stream, shared, wait_for_health, wait_idle
 from test_distributed import LAUNCHER, launch_cmd
 
 pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="mlx.launch is not installed")
@@ -36,17 +36,13 @@ def launched():
         proc.wait()
         pytest.fail("serve --distributed did not start:\n" + "".join(log))
     threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield proc, url, log
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    try:
+        wait_for_health(url, log)
+        yield proc, url, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _chat(url, messages, max_tokens=12, **extra):
@@ -75,16 +71,8 @@ def test_dropped_stream_stops_every_rank(launched):
     before = httpx.get(url + "/health").json()
     body = {"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0, "stream": True,
             "logit_bias": {str(EOS): -100}}
-    with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
-        events = 0
-        for line in r.iter_lines():
-            events += line.startswith("data:")
-            if events == 4:
-                break
-    deadline = time.monotonic() + 30
-    while (h := httpx.get(url + "/health").json())["busy"] or h["cancelled"] == before["cancelled"]:
-        assert time.monotonic() < deadline, h
-        time.sleep(0.02)
+    leave_mid_stream(url, "/v1/completions", body)
+    h = wait_idle(url, before["cancelled"] + 1)
     assert h["generated_tokens"] - before["generated_tokens"] < 1000
     # Both ranks are still in step: the next request is answered.
     assert _chat(url, [{"role": "user", "content": "Still there?"}], max_tokens=3)["usage"]["completion_tokens"] == 3

@@ -151,6 +151,26 @@ def test_completions_endpoint_equals_transformers(client, server, ref):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text
 
 
+def test_completion_logprobs_equal_transformers(client, server, ref):
+    """The legacy endpoint's logprobs: each token's text, logprob, best alternatives and its offset
+    in the completion text, streamed or not."""
+    ids = ref.text_ids("The capital of France is")
+    tokens, _ = ref.greedy(ids, 8)
+    r = client.completions.create(model=server_model(server), prompt=ids, max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    n = len(tokens)
+    assert lp.tokens[:n] == [ref.sp.id_to_piece(t).replace("\u2581", " ") for t in tokens]
+    assert lp.token_logprobs[:n] == pytest.approx(ref.logprobs(ids, tokens), abs=2e-3)
+    assert lp.text_offset[:n] == [len(ref.continuation_text(ids, tokens[:i])) for i in range(n)]
+    for top, logprob in zip(lp.top_logprobs, lp.token_logprobs):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the best one
+    streamed = client.completions.create(model=server_model(server), prompt=ids, max_tokens=8, temperature=0,
+                                         logprobs=2, stream=True)
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [(t, o) for p in parts for t, o in zip(p.tokens, p.text_offset)] == list(zip(lp.tokens, lp.text_offset))
+    assert [x for p in parts for x in p.token_logprobs] == lp.token_logprobs
+
+
 def test_seeded_sampling_is_repeatable(client, server):
     messages = [{"role": "user", "content": "Surprise me"}]
 

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, ModelArgs, read_config
 from .model import HF_EXPERT_NAMES, Mixtral, sanitize
-from .weights import INDEX_NAME, WeightsError, find_weight_files, read_headers, read_weight_map
+from .weights import INDEX_NAME, TensorInfo, WeightsError, find_weight_files, read_headers, read_weight_map
 
 # What a model needs from a hub repository; the weights are chosen once the index is known.
 _HUB_METADATA = ["*.json", "*.jinja", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
@@ -88,13 +88,7 @@ def load_model(model_dir: str | Path, *, dtype: mx.Dtype | None = None, lazy: bo
                memory_check: str = "warn") -> Mixtral:
     """Build the model a directory describes and load its checked weights into it."""
     model_dir = Path(model_dir)
-    try:
-        args = ModelArgs.from_dict(read_config(model_dir))
-        files = find_weight_files(model_dir)
-        headers = read_headers(files)
-    except (ConfigError, WeightsError) as e:
-        raise LoadError(str(e)) from None
-
+    args, files, headers = read_model_dir(model_dir)
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(str(f)))  # lazy: data is read when evaluated
@@ -104,18 +98,38 @@ def load_model(model_dir: str | Path, *, dtype: mx.Dtype | None = None, lazy: bo
         raise LoadError(f"{model_dir}: {e}") from None
 
     model = Mixtral(args)
-    quantize_like_checkpoint(model, weights, args.quantization or {})
-    _check_against_model(model, weights, headers, model_dir)
+    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check)
+    return model
 
+
+def read_model_dir(model_dir: Path) -> tuple[ModelArgs, list[Path], dict[str, TensorInfo]]:
+    """The config, weight files and checked safetensors headers of a model directory."""
+    try:
+        args = ModelArgs.from_dict(read_config(model_dir))
+        files = find_weight_files(model_dir)
+        return args, files, read_headers(files)
+    except (ConfigError, WeightsError) as e:
+        raise LoadError(str(e)) from None
+
+
+def fill_model(model: Mixtral, weights: dict[str, mx.array], headers: dict[str, TensorInfo], model_dir: Path, *,
+               dtype: mx.Dtype | None, lazy: bool, memory_check: str) -> None:
+    """Quantize `model` like the checkpoint, check the (sanitized) weights against it, cast them
+    to the compute dtype and load them. Each tensor is evaluated on its own and replaced in
+    `weights`, so the uncast copy is freed before the next one is read."""
+    quantize_like_checkpoint(model, weights, model.args.quantization or {})
+    check_against_model(model, weights, headers, model_dir)
     dtype = dtype or default_dtype(weights)
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    for name, value in weights.items():
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
+            weights[name] = value.astype(dtype)
     check_memory(sum(v.nbytes for v in weights.values()), model_dir, memory_check)
+    if not lazy:
+        for value in weights.values():
+            mx.eval(value)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
-    if not lazy:
-        mx.eval(model.parameters())
-    _wire_model_memory(model)
-    return model
+    wire_model_memory(model)
 
 
 def default_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
@@ -167,7 +181,7 @@ def _source_file(name: str, headers: dict) -> str:
     return "the checkpoint"
 
 
-def _check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: dict, model_dir: Path) -> None:
+def check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: dict, model_dir: Path) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -214,7 +228,7 @@ def check_memory(needed: int, model_dir: Path, mode: str = "warn") -> None:
         warnings.warn(msg, ResourceWarning, stacklevel=3)
 
 
-def _wire_model_memory(model: Mixtral) -> None:
+def wire_model_memory(model: Mixtral) -> None:
     """On Apple GPUs, wire as much memory as the model's weights (plus headroom for the cache and
     activations), not the whole machine, while this model lives; restore the old limit after."""
     if not mx.metal.is_available():

@@ -14,14 +14,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_unflatten
 
-from .config import ConfigError, ModelArgs, read_config
-from .loader import (LoadError, _check_against_model, _wire_model_memory, check_memory, default_dtype,
-                     quantize_like_checkpoint)
+from .config import ModelArgs
+from .loader import LoadError, fill_model, read_model_dir
 from .model import Mixtral, sanitize
 from .sharding import plan_shards, shard_modules
-from .weights import TensorInfo, WeightsError, find_weight_files, read_headers
+from .weights import TensorInfo, WeightsError
 
 # safetensors dtype -> numpy dtype of the same width; bfloat16 travels as its raw 16 bits.
 _NUMPY = {
@@ -103,11 +101,7 @@ def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: m
     """This rank's part of the model in `model_dir` (see sharding.py for the split), with the same
     checks and dtype rules as `load_model`. The plan is at `model.shard_plan`."""
     model_dir = Path(model_dir)
-    try:
-        args = ModelArgs.from_dict(read_config(model_dir))
-        headers = read_headers(find_weight_files(model_dir))
-    except (ConfigError, WeightsError) as e:
-        raise LoadError(str(e)) from None
+    args, _, headers = read_model_dir(model_dir)
     sources = source_tensors(headers, args, model_dir)
     # `sanitize` renames only the per-expert tensors it stacks (source_tensors refuses native names).
     shapes = {name: (() if src == [name] else (len(src),)) + headers[src[0]].shape for name, src in sources.items()}
@@ -126,19 +120,7 @@ def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: m
 
     model = Mixtral(args)
     shard_modules(model, plan, rank, group)
-    quantize_like_checkpoint(model, weights, args.quantization or {})
-    _check_against_model(model, weights, headers, model_dir)
-
-    dtype = dtype or default_dtype(weights)
-    for name, value in weights.items():
-        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
-            weights[name] = value.astype(dtype)
-            mx.eval(weights[name])
-    check_memory(sum(v.nbytes for v in weights.values()), model_dir, memory_check)
-    model.update(tree_unflatten(list(weights.items())))
-    model.eval()
-    mx.eval(model.parameters())
-    _wire_model_memory(model)
+    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=False, memory_check=memory_check)
     model.shard_plan = plan
     return model
 

@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from .chat import ChatSession
 from .distributed import barrier, check_same_model, follow, init_group, lead, release_followers
-from .generate import GenerationResponse, _prompt_ids, stream_generate
+from .generate import GenerationResponse, prompt_ids, stream_generate
 from .loader import resolve_model_dir
 from .prefix_cache import PrefixCache
 from .shard_loader import load_sharded
@@ -98,7 +98,7 @@ class DistributedModel:
     def stream_generate(self, prompt: str | Sequence[int] | mx.array, **options: Any) -> Iterator[GenerationResponse]:
         """`generate.stream_generate` on every rank; the responses come out on rank 0."""
         options.setdefault("continuation", isinstance(prompt, str))  # decided before the text becomes ids
-        request = {"op": "generate", "prompt": _prompt_ids(self.tokenizer, prompt),
+        request = {"op": "generate", "prompt": prompt_ids(self.tokenizer, prompt),
                    "options": _seeded(_encode_options(options))}
         return lead(self.group, request, self._handlers, _token_or_none)
 

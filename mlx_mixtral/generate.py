@@ -143,7 +143,8 @@ class StopMatcher:
         return best
 
 
-def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]:
+    """A prompt as token ids: text is encoded with BOS, ids are taken as given."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, bos=True)
     if isinstance(prompt, mx.array):
@@ -171,7 +172,7 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx
     and the n most likely alternatives. `sampler`/`logits_processors` replace the ones the
     keyword options would build.
     """
-    ids = _prompt_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt)
     validate_token_ids(ids, model.args.vocab_size, "prompt")
     if logprobs < 0:
         raise ValueError(f"logprobs must be >= 0, got {logprobs}")

@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generate import GenerationResponse
+from .generate import GenerationResponse, prompt_ids
 from .sampling import validate_token_ids
 from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, generation_options, sse
 from .server_schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
@@ -283,7 +283,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         check_model(req.model)
         if req.echo or req.suffix is not None:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
-        ids = await run_in_threadpool(_prompt_ids, tokenizer, req.prompt, limits.vocab_size)
+        ids = await run_in_threadpool(_completion_prompt, tokenizer, req.prompt, limits.vocab_size)
         options = generation_options(req, len(ids), req.max_tokens, limits, req.logprobs)
         options["continuation"] = True  # a completion continues the prompt's text: keep its first space
         answer = CompletionAnswer(settings.model_id, tokenizer, len(ids), req.logprobs)
@@ -327,14 +327,14 @@ def _event_schema(chunk: str) -> dict[str, Any]:
             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any, vocab_size: int) -> list[int]:
+def _completion_prompt(tokenizer: Any, prompt: Any, vocab_size: int) -> list[int]:
     """Token ids of a completions prompt: text (encoded with BOS) or ids; a list holds one prompt."""
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise APIError(400, f"prompt holds {len(prompt)} prompts; this server takes one per request",
                            param="prompt")
         prompt = prompt[0]
-    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    ids = prompt_ids(tokenizer, prompt)
     if not ids:
         raise APIError(400, "prompt is empty", param="prompt")
     try:

@@ -67,8 +67,8 @@ def _job(model_dir: str, sharded: bool) -> None:
     from mlx.utils import tree_flatten
 
     from mlx_mixtral import load_model
-    from mlx_mixtral.distributed import check_same_model, init_group
-    from mlx_mixtral.shard_loader import load_sharded
+    from mlx_mixtral.distributed.group import check_same_model, init_group
+    from mlx_mixtral.distributed.loader import load_sharded
 
     start = time.perf_counter()
     if sharded:

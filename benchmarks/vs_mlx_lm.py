@@ -34,8 +34,8 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import add_shape_flags, shape_from_args, write_checkpoint  # noqa: E402
 
-from mlx_mixtral import accounting  # noqa: E402
-from mlx_mixtral.bench import random_prompt, time_generation  # noqa: E402
+from mlx_mixtral.bench import accounting  # noqa: E402
+from mlx_mixtral.bench.timing import random_prompt, time_generation  # noqa: E402
 from mlx_mixtral.convert import convert  # noqa: E402
 
 QUANTS = {"4bit": {"quantize": True, "q_bits": 4}, "8bit": {"quantize": True, "q_bits": 8},

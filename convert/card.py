@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mlx_mixtral.weights import INDEX_NAME
 
-from .errors import ConvertError
-from .source import Source
+from mlx_mixtral.convert.errors import ConvertError
+from mlx_mixtral.convert.source import Source
 
 
 def model_stats(model_dir: Path) -> dict:

@@ -10,10 +10,10 @@ import json
 import signal
 import sys
 
-from .card import describe_quantization, model_stats
-from .errors import ConvertError
-from .pipeline import DTYPES, Progress, convert
-from .quant import MODES, RECIPES
+from mlx_mixtral.convert.card import describe_quantization, model_stats
+from mlx_mixtral.convert.errors import ConvertError
+from mlx_mixtral.convert.pipeline import DTYPES, Progress, convert
+from mlx_mixtral.convert.quant import MODES, RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:

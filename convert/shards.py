@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from mlx_mixtral.weights import INDEX_NAME
 
-from .errors import ConvertError
+from mlx_mixtral.convert.errors import ConvertError
 
 _DTYPE_NAMES = {
     mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",

@@ -4,8 +4,8 @@
 it returns None for layers the kernels do not handle, and the caller falls back to built-in ops.
 """
 
-from .kernels import ExpertGeometry, fused_switch_glu, launch_down, launch_gate_up, plan
-from .reference import down_reference, fused_switch_glu_reference, gate_up_reference
+from mlx_mixtral.metal.kernels import ExpertGeometry, fused_switch_glu, launch_down, launch_gate_up, plan
+from mlx_mixtral.metal.reference import down_reference, fused_switch_glu_reference, gate_up_reference
 
 __all__ = [
     "ExpertGeometry",

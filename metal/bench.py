@@ -13,8 +13,8 @@ import time
 
 import mlx.core as mx
 
-from ..experts import QuantizedSwitchLinear, SwitchGLU, route
-from .kernels import builtin_ops, fused_switch_glu
+from mlx_mixtral.experts import QuantizedSwitchLinear, SwitchGLU, route
+from mlx_mixtral.metal.kernels import builtin_ops, fused_switch_glu
 
 
 def _require_metal() -> None:

@@ -14,9 +14,9 @@ from collections import Counter
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..accounting import VIEW_PRIMITIVES
-from ..experts import SwitchGLU, route
-from .kernels import builtin_ops, fused_switch_glu
+from mlx_mixtral.bench.accounting import VIEW_PRIMITIVES
+from mlx_mixtral.experts import SwitchGLU, route
+from mlx_mixtral.metal.kernels import builtin_ops, fused_switch_glu
 
 
 def traced_primitives(fn, *arrays: mx.array) -> list[str]:

@@ -19,7 +19,7 @@ from importlib import resources
 
 import mlx.core as mx
 
-from ..experts import KERNELS_ENV
+from mlx_mixtral.experts import KERNELS_ENV
 
 SIMD_WIDTH = 32          # lanes per simdgroup on Apple GPUs
 SIMDGROUPS = 2           # simdgroups per threadgroup

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .kernels import DOWN, GATE_UP, ExpertGeometry, plan
+from mlx_mixtral.metal.kernels import DOWN, GATE_UP, ExpertGeometry, plan
 
 
 def _dequantized(parts: tuple, ids: mx.array, geometry: ExpertGeometry, kind: str) -> mx.array:

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .cache import Cache, load_prompt_cache, save_prompt_cache
-from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_generate
+from mlx_mixtral.cache import Cache, load_prompt_cache, save_prompt_cache
+from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_generate
 
 SESSION_FORMAT = "mlx-mixtral-chat/1"
 

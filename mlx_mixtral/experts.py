@@ -105,7 +105,7 @@ class SwitchGLU(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x (B, L, D), indices (B, L, K) uint32, weights (B, L, K) float32 -> (B, L, D)."""
         if indices.size <= FUSED_MAX_PAIRS and fused_kernels_enabled():
-            from .metal import fused_switch_glu
+            from mlx_mixtral.metal import fused_switch_glu
 
             out = fused_switch_glu(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj)
             if out is not None:

@@ -17,8 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import Cache
-from .sampling import (LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, top_logprobs,
+from mlx_mixtral.cache import Cache
+from mlx_mixtral.sampling import (LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, top_logprobs,
                        validate_token_ids)
 
 DEFAULT_PREFILL_CHUNK = 512

@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, ModelArgs, read_config
-from .model import HF_EXPERT_NAMES, Mixtral, sanitize
-from .weights import INDEX_NAME, TensorInfo, WeightsError, find_weight_files, read_headers, read_weight_map
+from mlx_mixtral.config import ConfigError, ModelArgs, read_config
+from mlx_mixtral.model import HF_EXPERT_NAMES, Mixtral, sanitize
+from mlx_mixtral.weights import INDEX_NAME, TensorInfo, WeightsError, find_weight_files, read_headers, read_weight_map
 
 # What a model needs from a hub repository; the weights are chosen once the index is known.
 _HUB_METADATA = ["*.json", "*.jinja", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
@@ -33,7 +33,7 @@ def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, revision: s
     whose quantized and gathered matmuls are fastest, or only work, in float32; the checkpoint's
     dtype on a GPU). `memory_check` is "warn", "error" or "off".
     """
-    from .tokenizer import load_tokenizer
+    from mlx_mixtral.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(path_or_repo, revision=revision)
     model = load_model(model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check)

@@ -13,9 +13,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Cache, KVCache, RotatingKVCache
-from .config import ModelArgs
-from .experts import SwitchGLU, route
+from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache
+from mlx_mixtral.config import ModelArgs
+from mlx_mixtral.experts import SwitchGLU, route
 
 
 def attention_mask(offset: int, length: int, keys: int, window: int | None) -> mx.array | str | None:

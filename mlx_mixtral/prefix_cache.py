@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
-from .cache import Cache, KVCache
-from .chat import common_prefix_length, held_ids, reuse_cache
-from .generate import GenerationResponse, stream_generate
+from mlx_mixtral.cache import Cache, KVCache
+from mlx_mixtral.chat import common_prefix_length, held_ids, reuse_cache
+from mlx_mixtral.generate import GenerationResponse, stream_generate
 
 
 class PrefixCache:

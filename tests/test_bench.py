@@ -56,7 +56,7 @@ def test_side_by_side_runs_both_packages_and_logits_match_mlx_lm(side_by_side):
 
 
 def test_accounting_matches_minimum_computed_from_the_config(side_by_side):
-    from mlx_mixtral import accounting
+    from mlx_mixtral.bench import accounting
     from mlx_mixtral.loader import load_model
 
     _, _, run_dir = side_by_side
@@ -88,7 +88,7 @@ def test_accounting_matches_minimum_computed_from_the_config(side_by_side):
 
 def test_accounting_catches_an_ungathered_expert_read(side_by_side, monkeypatch):
     """Dequantizing every expert before the gathered matmul reads all E experts: the count must show it."""
-    from mlx_mixtral import accounting
+    from mlx_mixtral.bench import accounting
     from mlx_mixtral.experts import QuantizedSwitchLinear
     from mlx_mixtral.loader import load_model
 
@@ -110,7 +110,7 @@ def test_accounting_catches_an_ungathered_expert_read(side_by_side, monkeypatch)
 
 
 def test_parse_dot_counts_primitives_and_readers():
-    from mlx_mixtral.accounting import trace
+    from mlx_mixtral.bench.accounting import trace
 
     a, b, c = mx.array([1.0]), mx.array([2.0]), mx.array([3.0])
     g = trace([(a + b) * c], {"a": a, "b": b, "c": c})
@@ -147,7 +147,7 @@ def test_bench_command_rejects_bad_lengths(capsys):
 
 
 def test_chip_bandwidth_table():
-    from mlx_mixtral.bench import chip_bandwidth
+    from mlx_mixtral.bench.timing import chip_bandwidth
 
     assert chip_bandwidth("Apple M2 Max") == 400
     assert chip_bandwidth("Apple M2") == 100
@@ -156,7 +156,7 @@ def test_chip_bandwidth_table():
 
 
 def test_kernel_comparison_uses_the_model_expert_shapes(side_by_side):
-    from mlx_mixtral.bench import expert_geometry, fused_vs_builtin
+    from mlx_mixtral.bench.timing import expert_geometry, fused_vs_builtin
     from mlx_mixtral.loader import load_model
 
     _, _, run_dir = side_by_side

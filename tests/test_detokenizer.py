@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_mixtral.detokenizer import PieceDetokenizer, WindowDetokenizer
+from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, WindowDetokenizer
 from mlx_mixtral.tokenizer import load_tokenizer
 from tokenizer_fixtures import BASE_VOCAB, BYTE0, hf_tokenizer, loaded_tokenizer, tokenizer_dir
 

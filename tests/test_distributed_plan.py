@@ -11,8 +11,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mixtral import LoadError, Mixtral, ModelArgs
-from mlx_mixtral.shard_loader import read_slice, source_tensors
-from mlx_mixtral.sharding import ShardError, even_split, plan_shards
+from mlx_mixtral.distributed.loader import read_slice, source_tensors
+from mlx_mixtral.distributed.sharding import ShardError, even_split, plan_shards
 from mlx_mixtral.weights import read_header
 
 MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
@@ -109,7 +109,7 @@ def test_unquantized_plan_splits_anywhere():
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.uint32, mx.float16])
 def test_read_slice_reads_the_same_values_as_slicing_the_whole_tensor(tmp_path, dtype, monkeypatch):
-    import mlx_mixtral.shard_loader as shard_loader
+    import mlx_mixtral.distributed.loader as shard_loader
 
     rng = np.random.default_rng(0)
     full = mx.array(rng.integers(0, 2**31, (3, 37, 29)).astype(np.uint32))
@@ -137,7 +137,7 @@ def test_source_tensors_maps_hf_experts_in_order(tiny_hf_dir):
 
 
 def test_native_layout_is_refused_clearly(tmp_path):
-    from mlx_mixtral.shard_loader import load_sharded
+    from mlx_mixtral.distributed.loader import load_sharded
 
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
                                                       "hidden_dim": 96, "vocab_size": 128, "norm_eps": 1e-5}))
@@ -150,7 +150,7 @@ def test_native_layout_is_refused_clearly(tmp_path):
 def test_group_of_one_loads_a_single_expert_hf_checkpoint_like_load_model(tmp_path):
     """Per-expert HF tensors are stacked to (E, out, in) even when E = 1."""
     from mlx_mixtral import load_model
-    from mlx_mixtral.shard_loader import load_sharded
+    from mlx_mixtral.distributed.loader import load_sharded
     from tiny_models import make_hf_checkpoint
 
     model_dir = make_hf_checkpoint(tmp_path / "e1", seed=6, num_local_experts=1, num_experts_per_tok=1)

@@ -1,5 +1,5 @@
 """The fused Metal kernels, run off a Mac: the exact source MLX generates, compiled with g++ against
-metal/metal_shim.h, dispatched on OS threads, compared with float64 numpy; clang checks address spaces.
+metal/emulator/metal_shim.h, dispatched on OS threads, compared with float64 numpy; clang checks address spaces.
 
 One driver binary per activation dtype holds every kernel of that dtype (compiled once per session).
 """
@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mixtral.metal import emulator, verify
+from mlx_mixtral.metal.emulator import runner, verify
 from mlx_mixtral.metal.kernels import DOWN, GATE_UP, kernel_text
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to run the generated kernels")
@@ -64,7 +64,7 @@ def test_generated_signatures_use_constant_buffers_for_small_inputs(emulated):
 @pytest.mark.skipif(shutil.which("clang++") is None and shutil.which("clang") is None,
                     reason="clang checks address spaces (the CI installs it)")
 def test_clang_accepts_address_spaces_of_every_kernel(emulated, tmp_path):
-    emulator.syntax_check([k for pair in emulated["kernels"].values() for k in pair], tmp_path)
+    runner.syntax_check([k for pair in emulated["kernels"].values() for k in pair], tmp_path)
 
 
 # ---------------------------------------------------------------- the harness can fail
@@ -119,7 +119,7 @@ def test_deliberately_wrong_kernel_fails_the_harness(broken, name):
 def test_deadlocked_barrier_times_out(broken):
     """A simd_sum some lanes never reach must end the run, not hang the suite."""
     index = 2 * len(BROKEN) + 2
-    with pytest.raises(emulator.EmulatorTimeout):
+    with pytest.raises(runner.EmulatorTimeout):
         verify.check(SMALL, broken["case"], broken["binary"], index, broken["hang"], timeout=5)
 
 
@@ -130,8 +130,8 @@ def test_clang_catches_a_constant_buffer_used_as_device(tmp_path):
     body = _replace(DOWN, "const float routed = static_cast<float>(weights[pair]);",
                     "const device float* mixes = weights;\n  const float routed = mixes[pair];")
     kernels = verify.capture(SMALL, verify.make_case(SMALL), {DOWN: body})
-    with pytest.raises(emulator.EmulatorError, match="address-space"):
-        emulator.syntax_check(kernels, tmp_path)
+    with pytest.raises(runner.EmulatorError, match="address-space"):
+        runner.syntax_check(kernels, tmp_path)
 
 
 # ---------------------------------------------------------------- the shim itself
@@ -165,11 +165,11 @@ def test_shim_runs_partial_threadgroups_and_simdgroups(tmp_path):
         return kernel(inputs=[x], grid=(n, 1, 1), threadgroup=(group, 1, 1), output_shapes=[(2,), (n,), (n,)],
                       output_dtypes=[mx.float32] * 3, verbose=True)
 
-    (probe_kernel,) = emulator.capture(probe, x)
+    (probe_kernel,) = runner.capture(probe, x)
     if shutil.which("clang++") or shutil.which("clang"):
-        emulator.syntax_check([probe_kernel], tmp_path)  # threadgroup memory in its own address space
-    binary = emulator.build([probe_kernel], tmp_path)
-    out = emulator.run(binary, 0, probe_kernel, (n, 1, 1), (group, 1, 1), {"inp": x},
+        runner.syntax_check([probe_kernel], tmp_path)  # threadgroup memory in its own address space
+    binary = runner.build([probe_kernel], tmp_path)
+    out = runner.run(binary, 0, probe_kernel, (n, 1, 1), (group, 1, 1), {"inp": x},
                        {"group_sum": (2,), "simd_total": (n,), "next": (n,)})
     v = np.array(x, dtype=np.float64)
     np.testing.assert_array_equal(out["group_sum"], [v[:64].sum(), v[64:].sum()])

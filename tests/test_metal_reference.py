@@ -11,7 +11,7 @@ from mlx_mixtral.metal import (ExpertGeometry, down_reference, fused_switch_glu,
                                gate_up_reference, plan)
 from mlx_mixtral.metal import kernels as K
 from mlx_mixtral.metal.dispatches import moe_layer_counts
-from mlx_mixtral.metal.numeric import (KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, dtype_name,
+from mlx_mixtral.metal.emulator.numeric import (KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, dtype_name,
                                        gate_up64, to_f64, unpack_affine)
 
 on_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="needs a Metal GPU")

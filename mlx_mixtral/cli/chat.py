@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from .chat import ChatSession
-from .generate_cli import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
+from mlx_mixtral.chat import ChatSession
+from mlx_mixtral.cli.options import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
 
 HELP = """commands:
   /reset         forget the conversation

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .weights import find_weight_files, read_header
+from mlx_mixtral.weights import find_weight_files, read_header
 
 T = TypeVar("T")
 
@@ -186,7 +186,7 @@ def model_digest(model_dir: str | Path) -> bytes:
 
 
 def _software_digest() -> bytes:
-    from . import __version__
+    from mlx_mixtral import __version__
 
     return hashlib.sha256(f"mlx-mixtral {__version__} mlx {mx.__version__}".encode()).digest()
 

@@ -23,13 +23,13 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .chat import ChatSession
-from .distributed import barrier, check_same_model, follow, init_group, lead, release_followers
-from .generate import GenerationResponse, prompt_ids, stream_generate
-from .loader import resolve_model_dir
-from .prefix_cache import PrefixCache
-from .shard_loader import load_sharded
-from .sharding import describe
+from mlx_mixtral.chat import ChatSession
+from mlx_mixtral.distributed.group import barrier, check_same_model, follow, init_group, lead, release_followers
+from mlx_mixtral.generate import GenerationResponse, prompt_ids, stream_generate
+from mlx_mixtral.loader import resolve_model_dir
+from mlx_mixtral.prefix_cache import PrefixCache
+from mlx_mixtral.distributed.loader import load_sharded
+from mlx_mixtral.distributed.sharding import describe
 
 # Options that are Python objects (or live state) and cannot travel to the other ranks.
 _LOCAL_ONLY = ("sampler", "logits_processors", "cache")
@@ -76,7 +76,7 @@ class DistributedModel:
     @classmethod
     def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> "DistributedModel":
         """Join the group, check every rank has the same model, load this rank's part of it."""
-        from .tokenizer import load_tokenizer
+        from mlx_mixtral.tokenizer import load_tokenizer
 
         group = init_group()
         model_dir = resolve_model_dir(path_or_repo)

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .detokenizer import SPACE, PieceTable, decode_pieces
+from mlx_mixtral.tokenizer.detokenizer import SPACE, PieceTable, decode_pieces
 
 
 @dataclass(frozen=True)

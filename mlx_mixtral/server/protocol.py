@@ -1,6 +1,6 @@
 """OpenAI request -> generation options, and generation responses -> OpenAI response objects.
 
-Pure translation, no I/O: the app (server_app.py) validates and queues, the worker generates, and
+Pure translation, no I/O: the app (app.py) validates and queues, the worker generates, and
 the functions here turn one into the other. Shapes follow OpenAI's API reference: chat completions
 (`chat.completion`, `chat.completion.chunk`), legacy completions (`text_completion`) and usage with
 `prompt_tokens_details.cached_tokens`.
@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .detokenizer import BYTE_PIECE, SPACE
-from .generate import GenerationResponse
-from .sampling import make_sampler
-from .server_schema import MAX_STOP, _Sampling
+from mlx_mixtral.tokenizer.detokenizer import BYTE_PIECE, SPACE
+from mlx_mixtral.generate import GenerationResponse
+from mlx_mixtral.sampling import make_sampler
+from mlx_mixtral.server.schema import MAX_STOP, _Sampling
 
 
 class APIError(Exception):

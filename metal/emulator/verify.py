@@ -1,6 +1,6 @@
 """The emulator test matrix: run the generated kernel source on the CPU and hold it to float64 numpy.
 
-`python -m mlx_mixtral.metal.verify` runs the whole matrix and prints the max error per
+`python -m mlx_mixtral.metal.emulator.verify` runs the whole matrix and prints the max error per
 configuration (tests/test_metal_emulated.py runs the same functions under pytest).
 Shapes: T tokens, P = T*K pairs, D hidden, F expert hidden, E experts.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import emulator
-from .kernels import DOWN, GATE_UP, SIMDGROUPS, ExpertGeometry, launch_down, launch_gate_up, make_kernel
-from .numeric import DTYPES, KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, gate_up64, to_f64, unpack_affine
+from mlx_mixtral.metal.emulator import runner
+from mlx_mixtral.metal.kernels import DOWN, GATE_UP, SIMDGROUPS, ExpertGeometry, launch_down, launch_gate_up, make_kernel
+from mlx_mixtral.metal.emulator.numeric import DTYPES, KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, gate_up64, to_f64, unpack_affine
 
 EXPERTS = 4
 # (D, F) per group size: multiples of the group size that leave the last 512-value (4-bit) or
@@ -107,7 +107,7 @@ def make_case(config: Config, seed: int = 0) -> Case:
     )
 
 
-def capture(config: Config, case: Case, bodies: dict[str, str] | None = None) -> list[emulator.GeneratedKernel]:
+def capture(config: Config, case: Case, bodies: dict[str, str] | None = None) -> list[runner.GeneratedKernel]:
     """[gate_up, down] sources as MLX generates them for this configuration (bodies: replacements)."""
     g, bodies = config.geometry, bodies or {}
     up_kernel, down_kernel = (make_kernel(kind, bodies.get(kind)) for kind in (GATE_UP, DOWN))
@@ -116,20 +116,20 @@ def capture(config: Config, case: Case, bodies: dict[str, str] | None = None) ->
         h = launch_gate_up(x, ids, parts[0:3], parts[3:6], g, kernel=up_kernel, verbose=True)
         return launch_down(h, ids, weights, parts[6:9], g, kernel=down_kernel, verbose=True)
 
-    kernels = emulator.capture(layer, case.x, case.ids, case.weights, *case.gate, *case.up, *case.down)
+    kernels = runner.capture(layer, case.x, case.ids, case.weights, *case.gate, *case.up, *case.down)
     if len(kernels) != 2:
-        raise emulator.EmulatorError(f"{config.label}: expected 2 generated kernels, got {len(kernels)}")
+        raise runner.EmulatorError(f"{config.label}: expected 2 generated kernels, got {len(kernels)}")
     return kernels
 
 
-def build_all(groups: list[list[emulator.GeneratedKernel]], cache_dir, jobs: int = 2) -> list:
+def build_all(groups: list[list[runner.GeneratedKernel]], cache_dir, jobs: int = 2) -> list:
     """Compile one driver per group of kernels, `jobs` g++ processes at a time."""
     with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda ks: emulator.build(ks, cache_dir), groups))
+        return list(pool.map(lambda ks: runner.build(ks, cache_dir), groups))
 
 
-def check(config: Config, case: Case, binary, first: int, kernels: list[emulator.GeneratedKernel],
-          timeout: float = emulator.RUN_TIMEOUT_S) -> dict[str, float]:
+def check(config: Config, case: Case, binary, first: int, kernels: list[runner.GeneratedKernel],
+          timeout: float = runner.RUN_TIMEOUT_S) -> dict[str, float]:
     """Run gate_up then down (kernels[0:2], indices first, first+1 in `binary`) against float64.
 
     down runs on the emulator's own h, so it is checked tightly against float64 math on that h,
@@ -142,14 +142,14 @@ def check(config: Config, case: Case, binary, first: int, kernels: list[emulator
     pairs = config.tokens * config.top_k
     quant = dict(zip(("gate_w", "gate_s", "gate_b"), case.gate)) | dict(zip(("up_w", "up_s", "up_b"), case.up))
     grid, group = g.grid(GATE_UP, config.tokens)
-    h = emulator.run(binary, first, kernels[0], grid, group, {"x": case.x, "indices": case.ids, **quant},
+    h = runner.run(binary, first, kernels[0], grid, group, {"x": case.x, "indices": case.ids, **quant},
                      {"h": (pairs, g.ffn)}, timeout)["h"]
     h_exact = gate_up64(x, ids, gate, up, config.top_k)
     errors = {"gate_up": compare(h, h_exact, KERNEL_TOLERANCE[name], f"{config.label} gate_up")}
 
     h_in = mx.array(h.astype(np.float32)).astype(DTYPES[name])  # exactly the emulator's h
     grid, group = g.grid(DOWN, config.tokens)
-    y = emulator.run(binary, first + 1, kernels[1], grid, group,
+    y = runner.run(binary, first + 1, kernels[1], grid, group,
                      {"h": h_in, "indices": case.ids, "weights": case.weights,
                       **dict(zip(("down_w", "down_s", "down_b"), case.down))},
                      {"out": (config.tokens, g.hidden)}, timeout)["out"]
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = [capture(c, case) for c, case in zip(configs, cases)]
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or tmp
-        emulator.syntax_check([k for pair in kernels for k in pair], cache)
+        runner.syntax_check([k for pair in kernels for k in pair], cache)
         by_dtype = {d: [i for i, c in enumerate(configs) if c.dtype == d] for d in DTYPES}
         binaries = build_all([[k for i in idx for k in kernels[i]] for idx in by_dtype.values()], cache)
         print(f"{'configuration':56} {'gate_up':>9} {'down':>9} {'pipeline':>9} {'TGs':>5} {'s':>5}")

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP app: routes, request guards and error objects.
 
-    GET  /                      the browser chat page (mlx_mixtral/static/)
+    GET  /                      the browser chat page (mlx_mixtral/server/static/)
     GET  /health                liveness and worker statistics
     GET  /v1/models[/{id}]      the one served model
     POST /v1/chat/completions   chat, streamed (server-sent events) or not
@@ -33,12 +33,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generate import GenerationResponse, prompt_ids
-from .sampling import validate_token_ids
-from .server_openai import APIError, ChatAnswer, CompletionAnswer, Limits, generation_options, sse
-from .server_schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
+from mlx_mixtral.generate import GenerationResponse, prompt_ids
+from mlx_mixtral.sampling import validate_token_ids
+from mlx_mixtral.server.protocol import APIError, ChatAnswer, CompletionAnswer, Limits, generation_options, sse
+from mlx_mixtral.server.schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                             CompletionRequest, ErrorResponse, Health, ModelCard, ModelList)
-from .server_worker import Finished, Job, ShuttingDown, Worker
+from mlx_mixtral.server.worker import Finished, Job, ShuttingDown, Worker
 
 log = logging.getLogger("mlx_mixtral.server")
 STATIC_DIR = Path(__file__).parent / "static"

@@ -2,8 +2,8 @@
 
     mlx-mixtral serve --model M [--host 127.0.0.1] [--port 8080] [--api-key K] [--cors-origin URL ...]
 
-The app is in server_app.py, the OpenAI shapes in server_openai.py/server_schema.py, the generation
-worker in server_worker.py and the prefix cache in prefix_cache.py. With --port 0 the system picks
+The app is in mlx_mixtral/server/ (app.py, the OpenAI shapes in protocol.py and schema.py, the
+generation worker in worker.py), the prefix cache in mlx_mixtral/prefix_cache.py. With --port 0 the system picks
 a free port; the address is printed to stderr once the server listens.
 """
 
@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import uvicorn
 
-from .server_app import LOOPBACK_HOSTS, Settings, create_app
-from .server_worker import DistributedEngine, Engine, LocalEngine, Worker
+from mlx_mixtral.server.app import LOOPBACK_HOSTS, Settings, create_app
+from mlx_mixtral.server.worker import DistributedEngine, Engine, LocalEngine, Worker
 
 API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
 
@@ -89,11 +89,11 @@ def _listen(host: str, port: int) -> socket.socket | None:
 def _load_engine(args: argparse.Namespace) -> Callable[[], Engine]:
     def load_engine() -> Engine:
         if args.distributed:
-            from .distributed_model import DistributedModel
+            from mlx_mixtral.distributed.model import DistributedModel
 
             return DistributedEngine(DistributedModel.start(args.model), max_kv_size=args.max_kv_size,
                                      prompt_cache_size=args.prompt_cache_size)
-        from .loader import load
+        from mlx_mixtral.loader import load
 
         model, tokenizer = load(args.model)
         return LocalEngine(model, tokenizer, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
     print(f"loading {args.model} ...", file=sys.stderr)
     errors: tuple[type[Exception], ...] = (ValueError, OSError)  # LoadError, TokenizerError, ConfigError
     if args.distributed:
-        from .distributed import DistributedError
+        from mlx_mixtral.distributed.group import DistributedError
 
         errors += (DistributedError,)
     try:

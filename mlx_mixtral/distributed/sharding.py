@@ -38,9 +38,9 @@ from typing import Any, Mapping
 
 import mlx.core as mx
 
-from .cache import Cache
-from .config import ModelArgs
-from .model import MLP, Attention, Mixtral, SparseMoE
+from mlx_mixtral.cache import Cache
+from mlx_mixtral.config import ModelArgs
+from mlx_mixtral.model import MLP, Attention, Mixtral, SparseMoE
 
 
 class ShardError(ValueError):

@@ -11,10 +11,10 @@ import sys
 # command -> (module, one-line help); each module exposes `main(argv: list[str]) -> int`.
 COMMANDS = {
     "convert": ("mlx_mixtral.convert.cli", "convert a Hugging Face or Mistral checkpoint to MLX format"),
-    "generate": ("mlx_mixtral.generate_cli", "generate text from a prompt"),
-    "chat": ("mlx_mixtral.chat_cli", "interactive chat in the terminal"),
-    "serve": ("mlx_mixtral.server", "OpenAI-compatible HTTP server with a browser chat page"),
-    "bench": ("mlx_mixtral.bench", "measure prefill/decode speed and memory on this machine"),
+    "generate": ("mlx_mixtral.cli.generate", "generate text from a prompt"),
+    "chat": ("mlx_mixtral.cli.chat", "interactive chat in the terminal"),
+    "serve": ("mlx_mixtral.cli.serve", "OpenAI-compatible HTTP server with a browser chat page"),
+    "bench": ("mlx_mixtral.cli.bench", "measure prefill/decode speed and memory on this machine"),
 }
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx-mixtral: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    from .distributed import DistributedError
+    from mlx_mixtral.distributed.group import DistributedError
 
     try:
         return int(module.main(rest) or 0)

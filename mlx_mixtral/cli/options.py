@@ -1,8 +1,5 @@
-"""`mlx-mixtral generate`: complete one prompt.
-
-stdout carries only the completion (streamed); prompt and generation speed and peak memory go
-to stderr.
-"""
+"""What the commands that load a model share: the sampling options, loading with a one-line error,
+and the statistics line."""
 
 from __future__ import annotations
 
@@ -10,9 +7,8 @@ import argparse
 import sys
 from typing import Any
 
-from .generate import DEFAULT_MAX_TOKENS, stream_generate
-from .loader import LoadError, load
-from .sampling import make_logits_processors, make_sampler
+from mlx_mixtral.loader import LoadError, load
+from mlx_mixtral.sampling import make_logits_processors, make_sampler
 
 DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 
@@ -51,7 +47,7 @@ def load_for_cli(args: argparse.Namespace, prog: str):
     """(model, tokenizer, distributed handle or None); a loading problem exits with one line."""
     try:
         if args.distributed:
-            from .distributed_model import DistributedModel
+            from mlx_mixtral.distributed.model import DistributedModel
 
             dm = DistributedModel.start(args.model)
             return dm.model, dm.tokenizer, dm
@@ -70,59 +66,3 @@ def one_line(e: Exception) -> str:
 def format_stats(r: Any) -> str:
     return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
             f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.3f} GB")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-mixtral generate", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
-    add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    prog = "mlx-mixtral generate"
-    try:
-        options = generation_options(args)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer, dm = load_for_cli(args, prog)
-    if dm is not None and not dm.is_leader:
-        return dm.follow()
-    try:
-        if args.chat or args.system is not None:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            prompt: Any = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt_text}],
-                                                        template=args.chat_template)
-        else:
-            prompt = prompt_text
-        if dm is not None:
-            stream = dm.stream_generate(prompt, **options)
-        else:
-            stream = stream_generate(model, tokenizer, prompt, **options)
-        last = None
-        for last in stream:
-            sys.stdout.write(last.text)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except ValueError as e:  # a prompt or template the model cannot take
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    finally:
-        if dm is not None:
-            dm.close()
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
-    if last is not None and not args.quiet:
-        print(format_stats(last), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,8 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .generate import GenerationResponse
-from .prefix_cache import PrefixCache
+from mlx_mixtral.generate import GenerationResponse
+from mlx_mixtral.prefix_cache import PrefixCache
 
 log = logging.getLogger("mlx_mixtral.server")
 
@@ -131,7 +131,7 @@ class DistributedEngine:
         return self.dm.follow()
 
     def fatal(self, error: BaseException) -> bool:
-        from .distributed import DistributedError
+        from mlx_mixtral.distributed.group import DistributedError
 
         self.broken = self.broken or isinstance(error, DistributedError)
         return self.broken

@@ -1,0 +1,69 @@
+"""`mlx-mixtral generate`: complete one prompt.
+
+stdout carries only the completion (streamed); prompt and generation speed and peak memory go
+to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, stream_generate
+from mlx_mixtral.cli.options import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-mixtral generate", description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
+    add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    prog = "mlx-mixtral generate"
+    try:
+        options = generation_options(args)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer, dm = load_for_cli(args, prog)
+    if dm is not None and not dm.is_leader:
+        return dm.follow()
+    try:
+        if args.chat or args.system is not None:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt: Any = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt_text}],
+                                                        template=args.chat_template)
+        else:
+            prompt = prompt_text
+        if dm is not None:
+            stream = dm.stream_generate(prompt, **options)
+        else:
+            stream = stream_generate(model, tokenizer, prompt, **options)
+        last = None
+        for last in stream:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except ValueError as e:  # a prompt or template the model cannot take
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        if dm is not None:
+            dm.close()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    if last is not None and not args.quiet:
+        print(format_stats(last), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""One model over several processes or Macs with `mx.distributed` (run under `mlx.launch`).
+
+group.py joining the group and running requests in lock step, sharding.py the tensor-parallel
+split, loader.py reading one rank's part of the weights, model.py `DistributedModel` (what the
+CLI and server drive).
+"""
+
+from mlx_mixtral.distributed.group import DistributedError
+from mlx_mixtral.distributed.model import DistributedModel
+
+__all__ = ["DistributedError", "DistributedModel"]

@@ -1,0 +1,149 @@
+"""`Tokenizer`: text <-> token ids, chat prompts and streaming decoding for one model directory.
+
+Built by `load_tokenizer` (files.py) from the files a model directory holds; the encoders are in
+backends.py, streaming decoding in detokenizer.py, the chat formats in chat_template.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlx_mixtral.tokenizer.chat_template import JINJA, MISTRAL_V1, MISTRAL_V3, encode_mistral, render_jinja
+from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, StreamingDetokenizer, WindowDetokenizer
+from mlx_mixtral.tokenizer.backends import AddedToken, SentencePieceBackend, TokenizersBackend
+
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded; the message is one line naming the directory or file."""
+
+
+class Tokenizer:
+    """Text <-> token ids, chat prompts and streaming decoding for one model directory."""
+
+    def __init__(self, backend: SentencePieceBackend | TokenizersBackend, *, special_tokens: Mapping[str, str],
+                 prefix: Sequence[int], suffix: Sequence[int], eos_token_id: int, extra_eos_ids: Sequence[int] = (),
+                 chat_templates: Mapping[str, str] | None = None, name: str = ""):
+        self._backend = backend
+        self.special_tokens = dict(special_tokens)  # bos_token, eos_token, ... as strings (Jinja variables)
+        self._prefix, self._suffix = list(prefix), list(suffix)
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id: int | None = backend.token_to_id(bos) if bos is not None else None
+        self.eos_token_id: int = eos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset([eos_token_id, *extra_eos_ids])
+        self.vocab_size: int = backend.vocab_size
+        self.chat_templates = dict(chat_templates or {})  # name -> Jinja source; "default" is the model's own
+        self.name = name
+        inst, end_inst = backend.token_to_id("[INST]"), backend.token_to_id("[/INST]")
+        self._inst_ids = (inst, end_inst) if (inst is not None and end_inst is not None
+                                             and {inst, end_inst} <= backend.special_ids) else None
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, {type(self._backend).__name__}, vocab_size={self.vocab_size}, "
+                f"chat_template={self.chat_template_name!r})")
+
+    # --- text <-> ids ---------------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of `text`. bos=True adds what Hugging Face adds with add_special_tokens=True
+        (BOS in front for Mistral/Mixtral; also EOS at the end if the config asks for it).
+        Added and special tokens written in the text (e.g. "</s>", "<|im_start|>") become their ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._backend.encode(text)
+        return [*self._prefix, *ids, *self._suffix] if bos else ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of token ids; special tokens (BOS, EOS, [INST], ...) are left out when skip_special.
+        Ids the tokenizer does not have decode to nothing, as in Hugging Face's tokenizer."""
+        return self._backend.decode([int(i) for i in ids], skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(int(token_id))
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._backend.special_ids
+
+    def detokenizer(self, skip_special: bool = True, continuation: bool = False) -> StreamingDetokenizer:
+        """A fresh streaming decoder (one per generation): add_token(id) -> new text, finalize() -> rest.
+
+        The chunks joined equal decode(ids). continuation=True decodes the tokens as the continuation
+        of earlier text (a completion appended to its prompt): the first word keeps its leading space,
+        which decode() drops at the start of a text.
+        """
+        table = self._backend.piece_table()
+        if table is not None:
+            return PieceDetokenizer(table, skip_special=skip_special, continuation=continuation)
+        context = self._backend.encode("a") if continuation else ()
+        return WindowDetokenizer(lambda ids: self._backend.decode(ids, skip_special), context=context)
+
+    # --- chat -----------------------------------------------------------------------------------
+
+    @property
+    def chat_template_name(self) -> str:
+        """The format used when none is asked for: the model's Jinja template if it has one, else
+        mistral-v3 when the vocabulary has the [INST]/[/INST] control tokens, else mistral-v1."""
+        if "default" in self.chat_templates:
+            return JINJA
+        return MISTRAL_V3 if self._inst_ids is not None else MISTRAL_V1
+
+    def _jinja_source(self, template: str | None) -> str | None:
+        """The Jinja source `template` stands for, or None for a built-in Mistral format."""
+        name = self.chat_template_name if template is None else template
+        if name in (MISTRAL_V1, MISTRAL_V3):
+            return None
+        if name == JINJA:
+            name = "default"
+        if name in self.chat_templates:
+            return self.chat_templates[name]
+        if "{{" in name or "{%" in name:
+            return name
+        if name == "default":
+            raise ValueError(f"{self.name or 'this tokenizer'}: no Jinja chat template (chat_template in "
+                             f"tokenizer_config.json or chat_template.jinja); use mistral-v1 or mistral-v3")
+        known = [MISTRAL_V1, MISTRAL_V3, JINJA, *sorted(k for k in self.chat_templates if k != "default")]
+        raise ValueError(f"unknown chat template {name!r}: expected one of {', '.join(known)} or Jinja source")
+
+    def render_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                             template: str | None = None, *, continue_final_message: bool = False,
+                             **variables) -> str:
+        """The prompt text of a Jinja chat template (the Mistral formats are token-level, not text)."""
+        source = self._jinja_source(template)
+        if source is None:
+            raise ValueError("render_chat_template needs a Jinja template; the Mistral formats build tokens")
+        return render_jinja(source, messages, special_tokens=self.special_tokens,
+                            add_generation_prompt=add_generation_prompt,
+                            continue_final_message=continue_final_message, **variables)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            template: str | None = None, *, continue_final_message: bool = False,
+                            **variables) -> list[int]:
+        """Token ids of a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
+
+        template: None picks automatically (see chat_template_name); "mistral-v1", "mistral-v3",
+        "jinja" (the model's template), the name of one of the model's templates, or Jinja source.
+        Mistral formats follow mistral-common exactly; a conversation it rejects raises ValueError.
+        add_generation_prompt=False allows a finished conversation (last answer closed with EOS);
+        continue_final_message=True leaves the last assistant answer open for the model to continue.
+        """
+        source = self._jinja_source(template)
+        if source is not None:
+            text = render_jinja(source, messages, special_tokens=self.special_tokens,
+                                add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message, **variables)
+            # As transformers: the template writes BOS itself, so no special tokens are added here.
+            return self.encode(text, bos=False)
+        version = self.chat_template_name if template is None else template
+        if self.bos_token_id is None:
+            raise ValueError("the Mistral chat format needs a BOS token, which this tokenizer does not have")
+        return encode_mistral(messages, version=version, encode=self._backend.encode_raw,
+                              bos_id=self.bos_token_id, eos_id=self.eos_token_id, inst_ids=self._inst_ids,
+                              add_generation_prompt=add_generation_prompt,
+                              continue_final_message=continue_final_message)

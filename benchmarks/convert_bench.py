@@ -56,11 +56,36 @@ def bench(repeat: int) -> dict:
             while fh.read(1 << 24):
                 pass
     runs = {
-        "mlx-lm": lambda dst: [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
-                               str(dst), "-q", "--q-bits", "4", "--q-group-size", "64"],
-        "mlx-mixtral": lambda dst: [sys.executable, "-m", "mlx_mixtral.convert", "--hf-path", str(src),
-                                    "--mlx-path", str(dst), "-q", "--q-bits", "4", "--q-group-size", "64",
-                                    "--no-progress"],
+        "mlx-lm": lambda dst: [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "convert",
+            "--hf-path",
+            str(src),
+            "--mlx-path",
+            str(dst),
+            "-q",
+            "--q-bits",
+            "4",
+            "--q-group-size",
+            "64",
+        ],
+        "mlx-mixtral": lambda dst: [
+            sys.executable,
+            "-m",
+            "mlx_mixtral.convert",
+            "--hf-path",
+            str(src),
+            "--mlx-path",
+            str(dst),
+            "-q",
+            "--q-bits",
+            "4",
+            "--q-group-size",
+            "64",
+            "--no-progress",
+        ],
     }
     results: dict = {name: [] for name in runs}
     for _ in range(repeat):
@@ -71,17 +96,30 @@ def bench(repeat: int) -> dict:
             r["output_gb"] = _dir_size(dst) / 1e9
             results[name].append(r)
             shutil.rmtree(dst, ignore_errors=True)
-    best = {name: {"wall_s": min(r["wall_s"] for r in rs), "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
-                   "output_gb": rs[0]["output_gb"]} for name, rs in results.items()}
+    best = {
+        name: {
+            "wall_s": min(r["wall_s"] for r in rs),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
+            "output_gb": rs[0]["output_gb"],
+        }
+        for name, rs in results.items()
+    }
     ours, theirs = best["mlx-mixtral"], best["mlx-lm"]
-    summary = {"source_gb": src_bytes / 1e9, "runs": results, "best": best,
-               "rss_ratio": ours["peak_rss_gb"] / theirs["peak_rss_gb"], "wall_ratio": ours["wall_s"] / theirs["wall_s"]}
+    summary = {
+        "source_gb": src_bytes / 1e9,
+        "runs": results,
+        "best": best,
+        "rss_ratio": ours["peak_rss_gb"] / theirs["peak_rss_gb"],
+        "wall_ratio": ours["wall_s"] / theirs["wall_s"],
+    }
     print(f"source: {summary['source_gb']:.2f} GB bfloat16 ({src}), 4-bit affine, group 64, best of {repeat}")
     print(f"{'converter':<12} {'wall s':>8} {'peak RSS GB':>12} {'output GB':>10}")
     for name, r in best.items():
         print(f"{name:<12} {r['wall_s']:8.2f} {r['peak_rss_gb']:12.3f} {r['output_gb']:10.3f}")
-    print(f"mlx-mixtral / mlx-lm: peak RSS {summary['rss_ratio']:.2f}x (target <= 0.35x), "
-          f"wall {summary['wall_ratio']:.2f}x (target <= 1.0x)")
+    print(
+        f"mlx-mixtral / mlx-lm: peak RSS {summary['rss_ratio']:.2f}x (target <= 0.35x), "
+        f"wall {summary['wall_ratio']:.2f}x (target <= 1.0x)"
+    )
     return summary
 
 
@@ -100,8 +138,16 @@ def recipes() -> dict:
     base = OUT / "recipes"
     shutil.rmtree(base, ignore_errors=True)
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=1000, hidden_size=256, intermediate_size=896, num_hidden_layers=8,
-                        num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
+    cfg = MixtralConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
     model = MixtralForCausalLM(cfg).eval()
     with torch.no_grad():  # random init gives near-uniform outputs; sharpen them to a trained model's entropy
         model.lm_head.weight.mul_(8.0)
@@ -114,16 +160,20 @@ def recipes() -> dict:
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
     ref = logprobs(base / "hf")
-    print(f"reference entropy {float(-(np.exp(ref) * ref).sum(-1).mean()):.2f} nats "
-          f"(uniform: {np.log(cfg.vocab_size):.2f})")
+    print(
+        f"reference entropy {float(-(np.exp(ref) * ref).sum(-1).mean()):.2f} nats "
+        f"(uniform: {np.log(cfg.vocab_size):.2f})"
+    )
     settings = {f"uniform {b}-bit": dict(quantize=True, q_bits=b) for b in (2, 3, 4, 6, 8)}
     settings.update({name: dict(recipe=name) for name in RECIPES})
     rows = {}
     for name, kw in settings.items():
         out = convert(base / "hf", base / name.replace(" ", "_"), **kw)
         q = logprobs(out)
-        rows[name] = {"kl": float((np.exp(ref) * (ref - q)).sum(-1).mean()),
-                      "bits_per_weight": model_stats(out)["bits_per_weight"]}
+        rows[name] = {
+            "kl": float((np.exp(ref) * (ref - q)).sum(-1).mean()),
+            "bits_per_weight": model_stats(out)["bits_per_weight"],
+        }
     print(f"{'setting':<16} {'bits/weight':>11} {'KL (nats)':>10}")
     for name, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_weight"]):
         print(f"{name:<16} {r['bits_per_weight']:11.3f} {r['kl']:10.2e}")

@@ -26,9 +26,18 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIG = {
-    "model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 16,
-    "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
-    "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
+    "model_type": "mixtral",
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": False,
     "quantization": {"group_size": 64, "bits": 4, "mode": "affine"},
 }
 
@@ -81,8 +90,19 @@ def _job(model_dir: str, sharded: bool) -> None:
     tokens = mx.array([[random.Random(0).randrange(1000) for _ in range(16)]])
     mx.eval(model(tokens))
     params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    print(json.dumps({"rank": rank, "size": size, "peak_rss": _peak_rss_bytes(), "mlx_peak": mx.get_peak_memory(),
-                      "params": params, "load_s": load_s}), flush=True)
+    print(
+        json.dumps(
+            {
+                "rank": rank,
+                "size": size,
+                "peak_rss": _peak_rss_bytes(),
+                "mlx_peak": mx.get_peak_memory(),
+                "params": params,
+                "load_s": load_s,
+            }
+        ),
+        flush=True,
+    )
 
 
 def _run(model_dir: Path, ranks: int) -> list[dict]:
@@ -92,8 +112,21 @@ def _run(model_dir: Path, ranks: int) -> list[dict]:
     else:
         launcher = Path(sys.executable).with_name("mlx.launch")
         port = random.randint(20000, 60000)
-        cmd = [str(launcher), "-n", str(ranks), "--backend", "ring", "-p", str(port), "--python", sys.executable,
-               me, "--job", str(model_dir), "--sharded"]
+        cmd = [
+            str(launcher),
+            "-n",
+            str(ranks),
+            "--backend",
+            "ring",
+            "-p",
+            str(port),
+            "--python",
+            sys.executable,
+            me,
+            "--job",
+            str(model_dir),
+            "--sharded",
+        ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if len(rows) != ranks:
@@ -122,8 +155,11 @@ def main() -> int:
         rows = _run(model_dir, n)
         results["runs"][n] = rows
         for r in rows:
-            print(f"| {n} | {r['rank']} | {r['peak_rss'] / 1e9:.3f} | {r['mlx_peak'] / 1e9:.3f} | "
-                  f"{r['params'] / 1e9:.3f} | {r['load_s']:.2f} |", flush=True)
+            print(
+                f"| {n} | {r['rank']} | {r['peak_rss'] / 1e9:.3f} | {r['mlx_peak'] / 1e9:.3f} | "
+                f"{r['params'] / 1e9:.3f} | {r['load_s']:.2f} |",
+                flush=True,
+            )
     OUT.mkdir(exist_ok=True)
     (OUT / "distributed_memory.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -36,12 +36,24 @@ class Shape:
 
     def config(self) -> dict:
         return {
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-            "hidden_size": self.hidden, "intermediate_size": self.ffn, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-            "num_local_experts": self.experts, "num_experts_per_tok": self.top_k, "vocab_size": self.vocab,
-            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768, "sliding_window": None,
-            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.ffn,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "num_local_experts": self.experts,
+            "num_experts_per_tok": self.top_k,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1e6,
+            "max_position_embeddings": 32768,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
             "torch_dtype": "bfloat16",
         }
 
@@ -57,13 +69,15 @@ def _layer(i: int, s: Shape) -> dict:
 
     head_dim = s.hidden // s.heads
     p = f"model.layers.{i}"
-    t = {f"{p}.self_attn.q_proj.weight": rand(s.heads * head_dim, s.hidden),
-         f"{p}.self_attn.k_proj.weight": rand(s.kv_heads * head_dim, s.hidden),
-         f"{p}.self_attn.v_proj.weight": rand(s.kv_heads * head_dim, s.hidden),
-         f"{p}.self_attn.o_proj.weight": rand(s.hidden, s.heads * head_dim),
-         f"{p}.input_layernorm.weight": mx.ones((s.hidden,), mx.bfloat16),
-         f"{p}.post_attention_layernorm.weight": mx.ones((s.hidden,), mx.bfloat16),
-         f"{p}.block_sparse_moe.gate.weight": rand(s.experts, s.hidden)}
+    t = {
+        f"{p}.self_attn.q_proj.weight": rand(s.heads * head_dim, s.hidden),
+        f"{p}.self_attn.k_proj.weight": rand(s.kv_heads * head_dim, s.hidden),
+        f"{p}.self_attn.v_proj.weight": rand(s.kv_heads * head_dim, s.hidden),
+        f"{p}.self_attn.o_proj.weight": rand(s.hidden, s.heads * head_dim),
+        f"{p}.input_layernorm.weight": mx.ones((s.hidden,), mx.bfloat16),
+        f"{p}.post_attention_layernorm.weight": mx.ones((s.hidden,), mx.bfloat16),
+        f"{p}.block_sparse_moe.gate.weight": rand(s.experts, s.hidden),
+    }
     for e in range(s.experts):  # HF names: w1 gate, w2 down, w3 up
         t[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = rand(s.ffn, s.hidden)
         t[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = rand(s.hidden, s.ffn)
@@ -83,8 +97,10 @@ def write_checkpoint(path: str | Path, shape: Shape = Shape(), *, seed: int = 0,
             raise ValueError(f"{path}: holds a checkpoint of another shape; remove it or choose another dir")
         return path
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
-        raise ValueError(f"hidden {shape.hidden} / heads {shape.heads} / kv_heads {shape.kv_heads}: "
-                         f"hidden must divide by heads and heads by kv_heads")
+        raise ValueError(
+            f"hidden {shape.hidden} / heads {shape.heads} / kv_heads {shape.kv_heads}: "
+            f"hidden must divide by heads and heads by kv_heads"
+        )
     tmp = path.with_name(path.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -96,8 +112,9 @@ def write_checkpoint(path: str | Path, shape: Shape = Shape(), *, seed: int = 0,
         for i in range(s * layers_per_shard, min(shape.layers, (s + 1) * layers_per_shard)):
             tensors.update(_layer(i, shape))
         if s == 0:
-            tensors["model.embed_tokens.weight"] = (0.02 * mx.random.normal((shape.vocab, shape.hidden))
-                                                    ).astype(mx.bfloat16)
+            tensors["model.embed_tokens.weight"] = (0.02 * mx.random.normal((shape.vocab, shape.hidden))).astype(
+                mx.bfloat16
+            )
         if s == count - 1:
             tensors["model.norm.weight"] = mx.ones((shape.hidden,), mx.bfloat16)
             tensors["lm_head.weight"] = (0.02 * mx.random.normal((shape.vocab, shape.hidden))).astype(mx.bfloat16)
@@ -132,8 +149,15 @@ def add_shape_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def shape_from_args(args: argparse.Namespace) -> Shape:
-    return Shape(hidden=args.hidden, ffn=args.ffn, experts=args.experts, top_k=args.top_k, layers=args.layers,
-                 heads=args.heads, kv_heads=args.kv_heads)
+    return Shape(
+        hidden=args.hidden,
+        ffn=args.ffn,
+        experts=args.experts,
+        top_k=args.top_k,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

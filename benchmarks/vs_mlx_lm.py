@@ -38,8 +38,11 @@ from mlx_mixtral.bench import accounting  # noqa: E402
 from mlx_mixtral.bench.timing import random_prompt, time_generation  # noqa: E402
 from mlx_mixtral.convert import convert  # noqa: E402
 
-QUANTS = {"4bit": {"quantize": True, "q_bits": 4}, "8bit": {"quantize": True, "q_bits": 8},
-          "bf16": {"quantize": False, "dtype": "bfloat16"}}
+QUANTS = {
+    "4bit": {"quantize": True, "q_bits": 4},
+    "8bit": {"quantize": True, "q_bits": 8},
+    "bf16": {"quantize": False, "dtype": "bfloat16"},
+}
 PACKAGES = ("mlx-mixtral", "mlx-lm")
 
 
@@ -89,8 +92,14 @@ class Runner:
         t = time_generation(self._step(ids, decode_tokens + 1), len(ids), decode_tokens)
         cpu = time.process_time() - cpu  # all threads of this process: less sensitive to other jobs
         peak = mx.get_peak_memory() - base + self.weights
-        return {"prefill_s": t.prefill_s, "decode_s": t.decode_s, "cpu_s": cpu, "prefill_tps": t.prefill_tps,
-                "decode_tps": t.decode_tps, "peak_gb": peak / 1e9}
+        return {
+            "prefill_s": t.prefill_s,
+            "decode_s": t.decode_s,
+            "cpu_s": cpu,
+            "prefill_tps": t.prefill_tps,
+            "decode_tps": t.decode_tps,
+            "peak_gb": peak / 1e9,
+        }
 
 
 def compare_logits(ours, theirs, vocab: int, length: int = 64) -> dict:
@@ -100,8 +109,12 @@ def compare_logits(ours, theirs, vocab: int, length: int = 64) -> dict:
     b = theirs(ids).astype(mx.float32)  # (1, L, V)
     diff = mx.abs(a - b)
     same_argmax = mx.mean((a.argmax(-1) == b.argmax(-1)).astype(mx.float32))
-    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-            "max_abs_logit": mx.abs(b).max().item(), "argmax_agree": same_argmax.item()}
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "max_abs_logit": mx.abs(b).max().item(),
+        "argmax_agree": same_argmax.item(),
+    }
 
 
 def bench_quant(quant: str, model_dir: Path, args) -> dict:
@@ -116,8 +129,13 @@ def bench_quant(quant: str, model_dir: Path, args) -> dict:
             r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             log(f"{quant}: {r.name} cannot run: {r.error}")
 
-    result: dict = {"quant": quant, "dir": str(model_dir), "weights_bytes": {n: r.weights for n, r in runners.items()},
-                    "errors": {n: r.error for n, r in runners.items() if r.error}, "cases": []}
+    result: dict = {
+        "quant": quant,
+        "dir": str(model_dir),
+        "weights_bytes": {n: r.weights for n, r in runners.items()},
+        "errors": {n: r.error for n, r in runners.items() if r.error},
+        "cases": [],
+    }
     for length in args.prompt_lengths:
         ids = random_prompt(length, vocab, seed=length)
         runs: dict[str, list] = {n: [] for n in PACKAGES}
@@ -132,15 +150,20 @@ def bench_quant(quant: str, model_dir: Path, args) -> dict:
                     continue
                 runs[name].append(r.run(ids, args.decode_tokens))
                 last = runs[name][-1]
-                log(f"{quant} L={length} rep {rep + 1} {name}: prefill {last['prefill_tps']:.1f} tok/s, "
-                    f"decode {last['decode_tps']:.1f} tok/s")
+                log(
+                    f"{quant} L={length} rep {rep + 1} {name}: prefill {last['prefill_tps']:.1f} tok/s, "
+                    f"decode {last['decode_tps']:.1f} tok/s"
+                )
         case = {"prompt_tokens": length, "decode_tokens": args.decode_tokens}
         for name, rs in runs.items():
             if rs:
-                case[name] = {"reps": len(rs), "runs": rs,
-                              "prefill_tps": statistics.median(x["prefill_tps"] for x in rs),
-                              "decode_tps": statistics.median(x["decode_tps"] for x in rs),
-                              "peak_gb": max(x["peak_gb"] for x in rs)}
+                case[name] = {
+                    "reps": len(rs),
+                    "runs": rs,
+                    "prefill_tps": statistics.median(x["prefill_tps"] for x in rs),
+                    "decode_tps": statistics.median(x["decode_tps"] for x in rs),
+                    "peak_gb": max(x["peak_gb"] for x in rs),
+                }
         result["cases"].append(case)
 
     result["logits"] = {}
@@ -150,8 +173,9 @@ def bench_quant(quant: str, model_dir: Path, args) -> dict:
         # bf16 checkpoints): what is left is summation order, not the dtype.
         from mlx_mixtral.loader import load_model
 
-        result["logits"]["both in bfloat16"] = compare_logits(load_model(model_dir, dtype=mx.bfloat16),
-                                                                   theirs.model, vocab)
+        result["logits"]["both in bfloat16"] = compare_logits(
+            load_model(model_dir, dtype=mx.bfloat16), theirs.model, vocab
+        )
     theirs.model.set_dtype(mx.float32)  # the same weights, computed in float32 like ours on the CPU
     try:
         result["logits"]["both in float32"] = compare_logits(ours.model, theirs.model, vocab)
@@ -170,10 +194,16 @@ def bench_quant(quant: str, model_dir: Path, args) -> dict:
         a = accounting.account_decode_step(r.model, cache, host_reps=args.host_reps)
         w = a.weights
         result["accounting"][name] = {
-            "weight_bytes_read": w.bytes_read, "minimum_bytes": w.minimum, "ratio": w.ratio,
-            "by_kind": w.by_kind, "read_in_full_although_gathered": w.full_reads_of_gathered,
-            "primitives": a.primitives, "primitives_per_layer": a.primitives_per_layer,
-            "layer_primitive_counts": dict(a.layer_counts), "host_ms": a.host_ms}
+            "weight_bytes_read": w.bytes_read,
+            "minimum_bytes": w.minimum,
+            "ratio": w.ratio,
+            "by_kind": w.by_kind,
+            "read_in_full_although_gathered": w.full_reads_of_gathered,
+            "primitives": a.primitives,
+            "primitives_per_layer": a.primitives_per_layer,
+            "layer_primitive_counts": dict(a.layer_counts),
+            "host_ms": a.host_ms,
+        }
     del runners
     return result
 
@@ -183,8 +213,10 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = [f"{'quant':<5} {'metric':<17} {'mlx-mixtral':>11} {'mlx-lm':>9} {'ratio':>6} {'reps':>7} "
-             f"{'peak GB ours/theirs':>19}"]
+    lines = [
+        f"{'quant':<5} {'metric':<17} {'mlx-mixtral':>11} {'mlx-lm':>9} {'ratio':>6} {'reps':>7} "
+        f"{'peak GB ours/theirs':>19}"
+    ]
     for res in results:
         err = res["errors"].get("mlx-lm")
         for metric in ("prefill", "decode"):
@@ -196,21 +228,27 @@ def table(results: list[dict]) -> list[str]:
                 ratio = _fmt(a / b, 2) + "x" if a and b else "-"
                 reps = f"{ours['reps'] if ours else 0}/{theirs['reps'] if theirs else 0}"
                 peak = f"{_fmt(ours and ours['peak_gb'], 3)}/{_fmt(theirs and theirs['peak_gb'], 3)}"
-                lines.append(f"{res['quant']:<5} {label:<17} {_fmt(a):>11} {'n/a' if err else _fmt(b):>9} "
-                             f"{ratio:>6} {reps:>7} {peak:>19}")
+                lines.append(
+                    f"{res['quant']:<5} {label:<17} {_fmt(a):>11} {'n/a' if err else _fmt(b):>9} "
+                    f"{ratio:>6} {reps:>7} {peak:>19}"
+                )
         if err:
             lines.append(f"{res['quant']:<5} mlx-lm cannot run this model here: {err}")
         for what, d in res["logits"].items():
             if "error" in d:
                 lines.append(f"{res['quant']:<5} logits ours vs mlx-lm, {what}: {d['error']}")
             else:
-                lines.append(f"{res['quant']:<5} logits ours vs mlx-lm, {what}: max |diff| {d['max_abs_diff']:.2e} "
-                             f"(max |logit| {d['max_abs_logit']:.2f}), argmax agree {100 * d['argmax_agree']:.1f}%")
+                lines.append(
+                    f"{res['quant']:<5} logits ours vs mlx-lm, {what}: max |diff| {d['max_abs_diff']:.2e} "
+                    f"(max |logit| {d['max_abs_logit']:.2f}), argmax agree {100 * d['argmax_agree']:.1f}%"
+                )
         for name, a in res["accounting"].items():
-            lines.append(f"{res['quant']:<5} {name:<11} decode step: weight bytes {a['weight_bytes_read'] / 1e6:.2f} MB "
-                         f"/ minimum {a['minimum_bytes'] / 1e6:.2f} MB = {a['ratio']:.3f}; primitives "
-                         f"{a['primitives']} ({a['primitives_per_layer']} per layer); graph build "
-                         f"{a['host_ms']:.2f} ms")
+            lines.append(
+                f"{res['quant']:<5} {name:<11} decode step: weight bytes {a['weight_bytes_read'] / 1e6:.2f} MB "
+                f"/ minimum {a['minimum_bytes'] / 1e6:.2f} MB = {a['ratio']:.3f}; primitives "
+                f"{a['primitives']} ({a['primitives_per_layer']} per layer); graph build "
+                f"{a['host_ms']:.2f} ms"
+            )
     return lines
 
 
@@ -228,8 +266,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
                 continue
             x = [c["prompt_tokens"] for c in cases]
             for ax, metric in zip(axes, ("prefill", "decode")):
-                ax.plot(x, [c[name][f"{metric}_tps"] for c in cases], style, color=f"C{color}", marker="o",
-                        label=f"{name} {res['quant']}")
+                ax.plot(
+                    x,
+                    [c[name][f"{metric}_tps"] for c in cases],
+                    style,
+                    color=f"C{color}",
+                    marker="o",
+                    label=f"{name} {res['quant']}",
+                )
     for ax, metric in zip(axes, ("prefill", "decode")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -250,8 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lengths", default="128,512,2048")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="timed runs per case and package")
-    p.add_argument("--slow-s", type=float, default=90.0,
-                   help="after a run longer than this, that package does no more reps of that case")
+    p.add_argument(
+        "--slow-s",
+        type=float,
+        default=90.0,
+        help="after a run longer than this, that package does no more reps of that case",
+    )
     p.add_argument("--host-reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "speed")
     args = p.parse_args(argv)
@@ -276,18 +324,34 @@ def main(argv: list[str] | None = None) -> int:
         res = bench_quant(quant, model_dir, args)
         results.append(res)
         mx.clear_cache()
-    meta = {"shape": shape.__dict__, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                 "device": str(mx.default_device()),
-                                                 "load_avg_before": load_before, "load_avg_after": os.getloadavg()},
-            "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}, "wall_s": time.time() - started,
-            "settings": {"prompt_lengths": args.prompt_lengths, "decode_tokens": args.decode_tokens,
-                         "reps": args.reps, "slow_s": args.slow_s}}
+    meta = {
+        "shape": shape.__dict__,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "device": str(mx.default_device()),
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
+        },
+        "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
+        "wall_s": time.time() - started,
+        "settings": {
+            "prompt_lengths": args.prompt_lengths,
+            "decode_tokens": args.decode_tokens,
+            "reps": args.reps,
+            "slow_s": args.slow_s,
+        },
+    }
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    title = (f"{shape.tag()} on {platform.machine()} ({mx.default_device()}), mlx {mx.__version__}, "
-             f"mlx-lm {mlx_lm.__version__}")
+    title = (
+        f"{shape.tag()} on {platform.machine()} ({mx.default_device()}), mlx {mx.__version__}, "
+        f"mlx-lm {mlx_lm.__version__}"
+    )
     plot(results, out / "results.png", title)
-    print(f"# {title}; load avg {load_before[0]:.1f} -> {meta['machine']['load_avg_after'][0]:.1f}; "
-          f"{meta['wall_s'] / 60:.1f} min")
+    print(
+        f"# {title}; load avg {load_before[0]:.1f} -> {meta['machine']['load_avg_after'][0]:.1f}; "
+        f"{meta['wall_s'] / 60:.1f} min"
+    )
     print("\n".join(table(results)))
     print(f"# JSON: {out / 'results.json'}  plot: {out / 'results.png'}")
     return 0

@@ -16,8 +16,12 @@ def model_stats(model_dir: Path) -> dict:
     weights, scales and biases, as mlx-lm reports it) of a converted directory."""
     meta = json.loads((model_dir / INDEX_NAME).read_text())
     size, params = meta["metadata"]["total_size"], meta["metadata"]["total_parameters"]
-    return {"total_size": size, "total_parameters": params, "shards": len(set(meta["weight_map"].values())),
-            "bits_per_weight": size * 8 / params}
+    return {
+        "total_size": size,
+        "total_parameters": params,
+        "shards": len(set(meta["weight_map"].values())),
+        "bits_per_weight": size * 8 / params,
+    }
 
 
 def describe_quantization(config: dict) -> str:
@@ -54,7 +58,7 @@ def write_model_card(model_dir: Path, source: Source, *, name: str, hub_id: str 
 {origin} converted to MLX format with mlx-mixtral.
 
 - Weights: {describe_quantization(config)}
-- {stats['bits_per_weight']:.2f} bits per weight, {stats['total_size'] / 1e9:.2f} GB in {stats['shards']} file(s)
+- {stats["bits_per_weight"]:.2f} bits per weight, {stats["total_size"] / 1e9:.2f} GB in {stats["shards"]} file(s)
 
 ## Use
 
@@ -75,8 +79,12 @@ def upload(model_dir: Path, repo_id: str) -> None:
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",
-                          commit_message="Upload MLX model converted with mlx-mixtral")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(model_dir),
+            repo_type="model",
+            commit_message="Upload MLX model converted with mlx-mixtral",
+        )
     except Exception as e:  # hub and network errors come in many types; report them in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"{model_dir}: converted, but the upload to {repo_id!r} failed ({first})") from None

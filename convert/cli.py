@@ -20,21 +20,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlx-mixtral convert",
         description="Convert a Hugging Face, Mistral-native or MLX checkpoint (directory or hub id) to MLX "
-                    "format, streaming one layer at a time.")
+        "format, streaming one layer at a time.",
+    )
     p.add_argument("--hf-path", "--model", required=True, help="source directory or hub id (org/name)")
     p.add_argument("--mlx-path", required=True, help="destination directory (must not exist unless --force)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize linear, expert and embedding layers")
-    p.add_argument("--q-bits", type=int, default=None, help="bits per weight for affine mode (2, 3, 4, 5, 6, 8; "
-                                                             "default 4)")
+    p.add_argument(
+        "--q-bits", type=int, default=None, help="bits per weight for affine mode (2, 3, 4, 5, 6, 8; default 4)"
+    )
     p.add_argument("--q-group-size", type=int, default=None, help="affine group size (32, 64, 128; default 64)")
-    p.add_argument("--q-mode", default="affine", choices=MODES,
-                   help="quantization format; mxfp4/mxfp8/nvfp4 fix bits and group size")
-    p.add_argument("--recipe", "--quant-predicate", choices=list(RECIPES), default=None, metavar="RECIPE",
-                   help=f"one of {', '.join(RECIPES)} (implies -q); mixed_LOW_HIGH uses LOW bits except HIGH for "
-                        "embeddings, lm_head, and v_proj/down_proj of the first, last and every third layer; "
-                        "*_attn also raises every attention projection")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="dtype of everything not quantized (default: as stored)")
+    p.add_argument(
+        "--q-mode",
+        default="affine",
+        choices=MODES,
+        help="quantization format; mxfp4/mxfp8/nvfp4 fix bits and group size",
+    )
+    p.add_argument(
+        "--recipe",
+        "--quant-predicate",
+        choices=list(RECIPES),
+        default=None,
+        metavar="RECIPE",
+        help=f"one of {', '.join(RECIPES)} (implies -q); mixed_LOW_HIGH uses LOW bits except HIGH for "
+        "embeddings, lm_head, and v_proj/down_proj of the first, last and every third layer; "
+        "*_attn also raises every attention projection",
+    )
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="dtype of everything not quantized (default: as stored)"
+    )
     p.add_argument("-d", "--dequantize", action="store_true", help="turn a quantized MLX model into floats")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 500MB or 5GB (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
@@ -76,10 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     bar = _Bar(enabled=not args.no_progress)
     try:
         out = convert(
-            args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
-            q_group_size=args.q_group_size, q_mode=args.q_mode, recipe=args.recipe, dtype=args.dtype,
-            dequantize=args.dequantize, max_shard_size=args.max_shard_size, force=args.force,
-            upload_repo=args.upload_repo, revision=args.revision, progress=bar)
+            args.hf_path,
+            args.mlx_path,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            q_mode=args.q_mode,
+            recipe=args.recipe,
+            dtype=args.dtype,
+            dequantize=args.dequantize,
+            max_shard_size=args.max_shard_size,
+            force=args.force,
+            upload_repo=args.upload_repo,
+            revision=args.revision,
+            progress=bar,
+        )
     except ConvertError as e:
         bar.close()
         print(f"mlx-mixtral convert: error: {e}", file=sys.stderr)
@@ -91,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     stats = model_stats(out)
     config = json.loads((out / "config.json").read_text())
-    print(f"{describe_quantization(config)}: {stats['bits_per_weight']:.3f} bits per weight, "
-          f"{stats['total_size'] / 1e9:.3f} GB in {stats['shards']} file(s)", file=sys.stderr)
+    print(
+        f"{describe_quantization(config)}: {stats['bits_per_weight']:.3f} bits per weight, "
+        f"{stats['total_size'] / 1e9:.3f} GB in {stats['shards']} file(s)",
+        file=sys.stderr,
+    )
     if args.upload_repo:
         print(f"uploaded to https://huggingface.co/{args.upload_repo}", file=sys.stderr)
     print(out)

@@ -29,9 +29,18 @@ from mlx_mixtral.convert.transform import Context, convert_group, make_context
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Files that travel with the weights (tokenizers of every Mistral generation, chat templates).
-COPY_PATTERNS = ["tokenizer.model", "tokenizer.model.v*", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-                 "chat_template.jinja", "chat_template.json", "tekken.json"]
+COPY_PATTERNS = [
+    "tokenizer.model",
+    "tokenizer.model.v*",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tekken.json",
+]
 PARTIAL_TAG = ".partial-"
 
 
@@ -46,11 +55,23 @@ class Progress:
     total_bytes: int
 
 
-def convert(hf_path: str | Path, mlx_path: str | Path, *, quantize: bool = False, q_bits: int | None = DEFAULT_BITS,
-            q_group_size: int | None = DEFAULT_GROUP, q_mode: str = "affine", recipe: str | None = None,
-            dtype: str | mx.Dtype | None = None, dequantize: bool = False, max_shard_size: str | int = "5GB",
-            force: bool = False, upload_repo: str | None = None, revision: str | None = None,
-            progress: Callable[[Progress], None] | None = None) -> Path:
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    quantize: bool = False,
+    q_bits: int | None = DEFAULT_BITS,
+    q_group_size: int | None = DEFAULT_GROUP,
+    q_mode: str = "affine",
+    recipe: str | None = None,
+    dtype: str | mx.Dtype | None = None,
+    dequantize: bool = False,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    upload_repo: str | None = None,
+    revision: str | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> Path:
     """Convert a Hugging Face, Mistral-native or MLX checkpoint (directory or hub id) into an
     MLX model directory at `mlx_path` and return its path.
 
@@ -129,8 +150,14 @@ def _plan_outputs(ctx: Context) -> tuple[list[Entry], dict[str, dict | bool]]:
     return entries, decisions
 
 
-def _write_model(ctx: Context, out_dir: Path, entries: list[Entry], decisions: dict, max_bytes: int,
-                 progress: Callable[[Progress], None] | None) -> None:
+def _write_model(
+    ctx: Context,
+    out_dir: Path,
+    entries: list[Entry],
+    decisions: dict,
+    max_bytes: int,
+    progress: Callable[[Progress], None] | None,
+) -> None:
     writer = ShardWriter(out_dir, entries, max_bytes)
     groups = ctx.source.groups()
     # Freed buffers go back to the system at once instead of MLX's cache, so the peak stays
@@ -219,7 +246,7 @@ def _remove_stale_partials(dst: Path) -> None:
     """Delete hidden partial directories of this destination left by killed conversions (their
     process no longer exists); those of a conversion still running are left alone."""
     for d in dst.parent.glob(f".{dst.name}{PARTIAL_TAG}*"):
-        pid = d.name[len(f".{dst.name}{PARTIAL_TAG}"):].split("-", 1)[0]
+        pid = d.name[len(f".{dst.name}{PARTIAL_TAG}") :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 

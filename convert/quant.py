@@ -40,13 +40,16 @@ class Recipe:
     all_attention: bool = False
 
 
-RECIPES = {r.name: r for r in [
-    Recipe("mixed_2_6", 2, 6),
-    Recipe("mixed_3_4", 3, 4),
-    Recipe("mixed_3_6", 3, 6),
-    Recipe("mixed_4_6", 4, 6),
-    Recipe("mixed_3_6_attn", 3, 6, all_attention=True),
-]}
+RECIPES = {
+    r.name: r
+    for r in [
+        Recipe("mixed_2_6", 2, 6),
+        Recipe("mixed_3_4", 3, 4),
+        Recipe("mixed_3_6", 3, 6),
+        Recipe("mixed_4_6", 4, 6),
+        Recipe("mixed_3_6_attn", 3, 6, all_attention=True),
+    ]
+}
 
 
 def sensitive_layer(index: int, num_layers: int) -> bool:
@@ -105,13 +108,17 @@ def make_plan(bits: int | None, group_size: int | None, mode: str, recipe: str |
         if recipe is not None:
             raise ConvertError(f"recipe {recipe!r} mixes bit widths, which only mode 'affine' allows")
         if bits not in (None, DEFAULT_BITS, fixed_bits) or group_size not in (None, DEFAULT_GROUP, fixed_group):
-            raise ConvertError(f"mode {mode!r} uses {fixed_bits} bits with group size {fixed_group}; "
-                               f"got bits={bits}, group size={group_size}")
+            raise ConvertError(
+                f"mode {mode!r} uses {fixed_bits} bits with group size {fixed_group}; "
+                f"got bits={bits}, group size={group_size}"
+            )
         return QuantPlan(fixed_bits, fixed_group, mode, num_layers)
     group_size = DEFAULT_GROUP if group_size is None else group_size
     if group_size not in AFFINE_GROUPS:
-        raise ConvertError(f"unsupported group size {group_size} for mode 'affine' "
-                           f"(expected one of: {', '.join(map(str, AFFINE_GROUPS))})")
+        raise ConvertError(
+            f"unsupported group size {group_size} for mode 'affine' "
+            f"(expected one of: {', '.join(map(str, AFFINE_GROUPS))})"
+        )
     if recipe is not None:
         if recipe not in RECIPES:
             raise ConvertError(f"unknown recipe {recipe!r} (expected one of: {', '.join(RECIPES)})")
@@ -119,8 +126,9 @@ def make_plan(bits: int | None, group_size: int | None, mode: str, recipe: str |
         return QuantPlan(r.low, group_size, mode, num_layers, r)
     bits = DEFAULT_BITS if bits is None else bits
     if bits not in AFFINE_BITS:
-        raise ConvertError(f"unsupported bits {bits} for mode 'affine' "
-                           f"(expected one of: {', '.join(map(str, AFFINE_BITS))})")
+        raise ConvertError(
+            f"unsupported bits {bits} for mode 'affine' (expected one of: {', '.join(map(str, AFFINE_BITS))})"
+        )
     return QuantPlan(bits, group_size, mode, num_layers)
 
 

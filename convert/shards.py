@@ -25,11 +25,29 @@ from mlx_mixtral.weights import INDEX_NAME
 from mlx_mixtral.convert.errors import ConvertError
 
 _DTYPE_NAMES = {
-    mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",
-    mx.int8: "I8", mx.int32: "I32", mx.uint16: "U16", mx.int16: "I16", mx.bool_: "BOOL",
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.int32: "I32",
+    mx.uint16: "U16",
+    mx.int16: "I16",
+    mx.bool_: "BOOL",
 }
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: str | int) -> int:
@@ -76,8 +94,11 @@ def _header(entries: list[Entry]) -> bytes:
     header: dict = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": _DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": _DTYPE_NAMES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned for memory-mapped readers
@@ -90,8 +111,10 @@ class ShardWriter:
     def __init__(self, directory: Path, entries: list[Entry], max_bytes: int):
         unknown = [e for e in entries if e.dtype not in _DTYPE_NAMES]
         if unknown:
-            raise ConvertError(f"tensor {unknown[0].name!r} has dtype {unknown[0].dtype}, which safetensors "
-                               f"output does not support here")
+            raise ConvertError(
+                f"tensor {unknown[0].name!r} has dtype {unknown[0].dtype}, which safetensors "
+                f"output does not support here"
+            )
         self.directory = directory
         self.shards = assign_shards(entries, max_bytes)
         self.names = shard_names(len(self.shards))
@@ -108,8 +131,10 @@ class ShardWriter:
             raise RuntimeError(f"tensor {name!r} was not planned")
         shard, entry = self._queue[self._next]
         if (name, array.dtype, tuple(array.shape)) != (entry.name, entry.dtype, entry.shape):
-            raise RuntimeError(f"tensor {name!r} {array.dtype}{list(array.shape)} differs from the plan "
-                               f"({entry.name!r} {entry.dtype}{list(entry.shape)})")
+            raise RuntimeError(
+                f"tensor {name!r} {array.dtype}{list(array.shape)} differs from the plan "
+                f"({entry.name!r} {entry.dtype}{list(entry.shape)})"
+            )
         if shard != self._file_index:
             self._open(shard)
         self._file.write(memoryview(array))
@@ -133,8 +158,10 @@ class ShardWriter:
         if self._next != len(self._queue):
             raise RuntimeError(f"tensor {self._queue[self._next][1].name!r} was planned but never written")
         weight_map = {e.name: self.names[i] for i, shard in enumerate(self.shards) for e in shard}
-        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=4) + "\n")
 
     def abort(self) -> None:

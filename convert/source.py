@@ -101,5 +101,7 @@ def _check_dtypes(tensors: dict[str, TensorInfo]) -> None:
             module = name[: -len(suffix)]
             if f"{module}.scales" in tensors:
                 continue
-        raise ConvertError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which cannot be converted "
-                           f"(expected F32, F16 or BF16, or an MLX-quantized U32 weight with scales)")
+        raise ConvertError(
+            f"{info.file}: tensor {name!r} has dtype {info.dtype}, which cannot be converted "
+            f"(expected F32, F16 or BF16, or an MLX-quantized U32 weight with scales)"
+        )

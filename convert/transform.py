@@ -55,8 +55,11 @@ def make_context(source: Source, plan: QuantPlan | None, dtype: mx.Dtype | None,
             quantize_like_checkpoint(skeleton, lazy, source.args.quantization or {})
         except LoadError as e:
             raise ConvertError(f"{source.path}: {e}") from None
-        ctx.source_quant = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
-                            for path, m in skeleton.named_modules() if hasattr(m, "bits")}
+        ctx.source_quant = {
+            path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+            for path, m in skeleton.named_modules()
+            if hasattr(m, "bits")
+        }
     return ctx
 
 
@@ -93,7 +96,9 @@ def convert_module(path: str, parts: dict[str, mx.array], ctx: Context) -> tuple
     extra = sorted(set(parts) - allowed)
     if extra or "weight" not in parts:
         problem, name = ("unexpected", f"{path}.{extra[0]}") if extra else ("missing", f"{path}.weight")
-        raise ConvertError(f"{src.path}: {problem} tensor {name!r} (for a {src.args.model_type} model with this config)")
+        raise ConvertError(
+            f"{src.path}: {problem} tensor {name!r} (for a {src.args.model_type} model with this config)"
+        )
     quantized_in = "scales" in parts
     if quantized_in:
         q = ctx.source_quant.get(path)
@@ -102,8 +107,15 @@ def convert_module(path: str, parts: dict[str, mx.array], ctx: Context) -> tuple
         scales = parts["scales"]
         dtype = ctx.dtype or (scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else src.float_dtype)
         try:
-            weight = mx.dequantize(parts["weight"], scales, parts.get("biases"), group_size=q["group_size"],
-                                   bits=q["bits"], mode=q["mode"], dtype=dtype)
+            weight = mx.dequantize(
+                parts["weight"],
+                scales,
+                parts.get("biases"),
+                group_size=q["group_size"],
+                bits=q["bits"],
+                mode=q["mode"],
+                dtype=dtype,
+            )
         except ValueError as e:
             raise ConvertError(f"{src.path}: cannot dequantize {path!r} ({e})") from None
     else:
@@ -111,11 +123,13 @@ def convert_module(path: str, parts: dict[str, mx.array], ctx: Context) -> tuple
 
     name = f"{path}.weight"
     if name not in ctx.expected:
-        raise ConvertError(f"{src.path}: unexpected tensor {name!r} (not part of a {src.args.model_type} "
-                           f"model with this config)")
+        raise ConvertError(
+            f"{src.path}: unexpected tensor {name!r} (not part of a {src.args.model_type} model with this config)"
+        )
     if tuple(weight.shape) != ctx.expected[name]:
-        raise ConvertError(f"{src.path}: tensor {name!r} has shape {list(weight.shape)}, "
-                           f"the config implies {list(ctx.expected[name])}")
+        raise ConvertError(
+            f"{src.path}: tensor {name!r} has shape {list(weight.shape)}, the config implies {list(ctx.expected[name])}"
+        )
 
     if quantized_in and not ctx.requantize:
         # Reshard only: keep the packed tensors bit for bit.

@@ -49,8 +49,11 @@ def main() -> int:
             print(piece, end="", flush=True)
         print()
         r = chat.last
-        print(f"(prefilled {r.prompt_tokens} new tokens at {r.prompt_tps:.0f} tok/s; "
-              f"{r.generation_tokens} generated at {r.generation_tps:.0f} tok/s)", file=sys.stderr)
+        print(
+            f"(prefilled {r.prompt_tokens} new tokens at {r.prompt_tps:.0f} tok/s; "
+            f"{r.generation_tokens} generated at {r.generation_tps:.0f} tok/s)",
+            file=sys.stderr,
+        )
 
     if args.session is not None and chat.messages:
         chat.save(args.session)

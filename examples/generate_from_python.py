@@ -38,9 +38,12 @@ def main() -> int:
         print(last.text, end="", flush=True)  # whole characters only, never a broken emoji
     print()
     if last is not None:
-        print(f"  {last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} "
-              f"generated at {last.generation_tps:.1f} tok/s, finish: {last.finish_reason}, "
-              f"peak memory {last.peak_memory:.2f} GB", file=sys.stderr)
+        print(
+            f"  {last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} "
+            f"generated at {last.generation_tps:.1f} tok/s, finish: {last.finish_reason}, "
+            f"peak memory {last.peak_memory:.2f} GB",
+            file=sys.stderr,
+        )
 
     # 3. Sampling: the same seed gives the same text; stop strings are cut off and never printed.
     options = dict(max_tokens=args.max_tokens, temperature=0.8, top_p=0.95, min_p=0.05, seed=42, stop=["\n\n"])

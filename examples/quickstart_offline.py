@@ -30,9 +30,19 @@ def build_hf_checkpoint(path: Path) -> Path:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    config = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     MixtralForCausalLM(config).eval().save_pretrained(path)
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", path / "tokenizer.model")
     return path
@@ -54,8 +64,11 @@ def main() -> int:
     print(f"2. converted to 4-bit: {mlx_dir}", file=sys.stderr)
 
     model, tokenizer = load(mlx_dir)
-    print(f"3. loaded: {model.args.num_hidden_layers} layers, {model.args.num_local_experts} experts, "
-          f"tokenizer {tokenizer.chat_template_name}", file=sys.stderr)
+    print(
+        f"3. loaded: {model.args.num_hidden_layers} layers, {model.args.num_local_experts} experts, "
+        f"tokenizer {tokenizer.chat_template_name}",
+        file=sys.stderr,
+    )
     prompt = "The capital of France is"
     print(f"generate: {prompt}{generate(model, tokenizer, prompt, max_tokens=16)}")
 
@@ -63,8 +76,11 @@ def main() -> int:
     for question in ["Hello, who are you?", "What can you do?"]:
         answer = "".join(chat.send(question))
         print(f"chat: {question} -> {answer}")
-        print(f"   prefilled {chat.last.prompt_tokens} new tokens (conversation so far: "
-              f"{len(chat.cached_ids)} tokens in the KV cache)", file=sys.stderr)
+        print(
+            f"   prefilled {chat.last.prompt_tokens} new tokens (conversation so far: "
+            f"{len(chat.cached_ids)} tokens in the KV cache)",
+            file=sys.stderr,
+        )
     print(f"done. Try: mlx-mixtral chat --model {mlx_dir}", file=sys.stderr)
     return 0
 

@@ -19,15 +19,18 @@ from mlx_mixtral.metal.kernels import builtin_ops, fused_switch_glu
 
 def _require_metal() -> None:
     if not mx.metal.is_available():
-        raise RuntimeError("the fused expert kernels need a Metal GPU (Apple silicon, macOS); "
-                           "mx.metal.is_available() is False on this machine")
+        raise RuntimeError(
+            "the fused expert kernels need a Metal GPU (Apple silicon, macOS); "
+            "mx.metal.is_available() is False on this machine"
+        )
 
 
-def _random_experts(n_in: int, n_out: int, experts: int, group_size: int, bits: int,
-                    dtype: mx.Dtype) -> QuantizedSwitchLinear:
+def _random_experts(
+    n_in: int, n_out: int, experts: int, group_size: int, bits: int, dtype: mx.Dtype
+) -> QuantizedSwitchLinear:
     layer = QuantizedSwitchLinear(n_in, n_out, experts, group_size, bits)
     # Replaces the constructor's (never evaluated) zeros before anything is materialised.
-    layer.set_weight(mx.random.normal((experts, n_out, n_in), dtype=dtype) * (n_in ** -0.5))
+    layer.set_weight(mx.random.normal((experts, n_out, n_in), dtype=dtype) * (n_in**-0.5))
     mx.eval(layer.parameters())
     return layer
 
@@ -46,9 +49,20 @@ def _median_ms(fn, iters: int, warmup: int) -> tuple[float, mx.array]:
     return statistics.median(times), out
 
 
-def compare_fused_builtin(*, hidden: int = 4096, ffn: int = 14336, experts: int = 8, top_k: int = 2,
-                          bits: int = 4, group_size: int = 64, dtype: mx.Dtype = mx.float16, tokens: int = 1,
-                          iters: int = 50, warmup: int = 5, seed: int = 0) -> dict:
+def compare_fused_builtin(
+    *,
+    hidden: int = 4096,
+    ffn: int = 14336,
+    experts: int = 8,
+    top_k: int = 2,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: mx.Dtype = mx.float16,
+    tokens: int = 1,
+    iters: int = 50,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict:
     """Median ms per SwitchGLU call for `tokens` decode tokens, built-in vs fused, and max |difference|.
 
     Raises RuntimeError off Metal. Defaults are Mixtral-8x7B's expert shapes.
@@ -76,8 +90,16 @@ def compare_fused_builtin(*, hidden: int = 4096, ffn: int = 14336, experts: int 
     fused_ms, fused_out = _median_ms(fused, iters, warmup)
     diff = mx.abs(fused_out.astype(mx.float32) - builtin_out.astype(mx.float32))
     return {
-        "shape": {"hidden": hidden, "ffn": ffn, "experts": experts, "top_k": top_k, "bits": bits,
-                  "group_size": group_size, "dtype": str(dtype), "tokens": tokens},
+        "shape": {
+            "hidden": hidden,
+            "ffn": ffn,
+            "experts": experts,
+            "top_k": top_k,
+            "bits": bits,
+            "group_size": group_size,
+            "dtype": str(dtype),
+            "tokens": tokens,
+        },
         "builtin_ms": builtin_ms,
         "fused_ms": fused_ms,
         "speedup": builtin_ms / fused_ms,

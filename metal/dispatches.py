@@ -36,12 +36,18 @@ def traced_primitives(fn, *arrays: mx.array) -> list[str]:
 def count(names: list[str]) -> dict:
     """{"dispatches": n, "views": m, "kernels": Counter of the dispatching primitives}."""
     launches = Counter(n for n in names if n not in VIEW_PRIMITIVES)
-    return {"dispatches": sum(launches.values()), "views": len(names) - sum(launches.values()),
-            "kernels": launches}
+    return {"dispatches": sum(launches.values()), "views": len(names) - sum(launches.values()), "kernels": launches}
 
 
-def moe_layer_counts(hidden: int = 128, ffn: int = 256, experts: int = 8, top_k: int = 2,
-                     bits: int = 4, group_size: int = 64, dtype: mx.Dtype = mx.float16) -> dict[str, dict]:
+def moe_layer_counts(
+    hidden: int = 128,
+    ffn: int = 256,
+    experts: int = 8,
+    top_k: int = 2,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: mx.Dtype = mx.float16,
+) -> dict[str, dict]:
     """Dispatch counts for one token (B = L = 1) through a quantized Mixtral MoE layer.
 
     Keys: "builtin" and "fused" (the expert part, SwitchGLU), "router" (the part both share:

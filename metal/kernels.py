@@ -21,9 +21,9 @@ import mlx.core as mx
 
 from mlx_mixtral.experts import KERNELS_ENV
 
-SIMD_WIDTH = 32          # lanes per simdgroup on Apple GPUs
-SIMDGROUPS = 2           # simdgroups per threadgroup
-ROWS_PER_SIMDGROUP = 4   # output rows each simdgroup owns (8 per threadgroup, as MLX's qmv)
+SIMD_WIDTH = 32  # lanes per simdgroup on Apple GPUs
+SIMDGROUPS = 2  # simdgroups per threadgroup
+ROWS_PER_SIMDGROUP = 4  # output rows each simdgroup owns (8 per threadgroup, as MLX's qmv)
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -49,8 +49,11 @@ def make_kernel(kind: str, body: str | None = None):
     """A metal_kernel object for `kind`; `body` replaces the shipped body (the harness uses it)."""
     shipped, header = kernel_text(kind)
     return mx.fast.metal_kernel(
-        name=f"mixtral_{kind}", input_names=_INPUTS[kind], output_names=_OUTPUTS[kind],
-        source=shipped if body is None else body, header=header,
+        name=f"mixtral_{kind}",
+        input_names=_INPUTS[kind],
+        output_names=_OUTPUTS[kind],
+        source=shipped if body is None else body,
+        header=header,
     )
 
 
@@ -58,13 +61,13 @@ def make_kernel(kind: str, body: str | None = None):
 class ExpertGeometry:
     """Everything the kernels are specialised on (their template parameters)."""
 
-    dtype: mx.Dtype      # activation dtype (x, h, output)
-    group_size: int      # of gate and up (one kernel reads both, so they must agree)
+    dtype: mx.Dtype  # activation dtype (x, h, output)
+    group_size: int  # of gate and up (one kernel reads both, so they must agree)
     bits: int
-    hidden: int          # D
-    ffn: int             # F
-    experts: int         # E
-    top_k: int           # K
+    hidden: int  # D
+    ffn: int  # F
+    experts: int  # E
+    top_k: int  # K
     rows_per_simdgroup: int = ROWS_PER_SIMDGROUP
     down_group_size: int | None = None  # down may differ (mixed-precision recipes); None: as gate/up
     down_bits: int | None = None
@@ -79,8 +82,15 @@ class ExpertGeometry:
         # Both kernels name the hidden size D and the expert size F; the input size comes first.
         sizes = [("D", self.hidden), ("F", self.ffn)] if kind == GATE_UP else [("F", self.ffn), ("D", self.hidden)]
         group_size, bits = self.quantization(kind)
-        return [("T", self.dtype), ("GS", group_size), ("BITS", bits), *sizes,
-                ("E", self.experts), ("TOPK", self.top_k), ("R", self.rows_per_simdgroup)]
+        return [
+            ("T", self.dtype),
+            ("GS", group_size),
+            ("BITS", bits),
+            *sizes,
+            ("E", self.experts),
+            ("TOPK", self.top_k),
+            ("R", self.rows_per_simdgroup),
+        ]
 
     def rows(self, kind: str) -> int:
         return self.ffn if kind == GATE_UP else self.hidden
@@ -104,26 +114,52 @@ def _cached_kernel(kind: str, geometry: ExpertGeometry):
     return _KERNELS[key]
 
 
-def launch_gate_up(x: mx.array, indices: mx.array, gate: tuple, up: tuple, geometry: ExpertGeometry,
-                   *, kernel=None, verbose: bool = False) -> mx.array:
+def launch_gate_up(
+    x: mx.array,
+    indices: mx.array,
+    gate: tuple,
+    up: tuple,
+    geometry: ExpertGeometry,
+    *,
+    kernel=None,
+    verbose: bool = False,
+) -> mx.array:
     """x (T, D), indices (P,), gate/up = (weight, scales, biases) -> h (P, F) in geometry.dtype."""
     kernel = kernel or _cached_kernel(GATE_UP, geometry)
     grid, group = geometry.grid(GATE_UP, x.shape[0])
     return kernel(
-        inputs=[x, indices, *gate, *up], template=geometry.template(GATE_UP), grid=grid, threadgroup=group,
-        output_shapes=[(indices.size, geometry.ffn)], output_dtypes=[geometry.dtype], verbose=verbose,
+        inputs=[x, indices, *gate, *up],
+        template=geometry.template(GATE_UP),
+        grid=grid,
+        threadgroup=group,
+        output_shapes=[(indices.size, geometry.ffn)],
+        output_dtypes=[geometry.dtype],
+        verbose=verbose,
     )[0]
 
 
-def launch_down(h: mx.array, indices: mx.array, weights: mx.array, down: tuple, geometry: ExpertGeometry,
-                *, kernel=None, verbose: bool = False) -> mx.array:
+def launch_down(
+    h: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    down: tuple,
+    geometry: ExpertGeometry,
+    *,
+    kernel=None,
+    verbose: bool = False,
+) -> mx.array:
     """h (P, F), indices (P,), weights (P,), down = (weight, scales, biases) -> y (T, D)."""
     kernel = kernel or _cached_kernel(DOWN, geometry)
     tokens = indices.size // geometry.top_k
     grid, group = geometry.grid(DOWN, tokens)
     return kernel(
-        inputs=[h, indices, weights, *down], template=geometry.template(DOWN), grid=grid, threadgroup=group,
-        output_shapes=[(tokens, geometry.hidden)], output_dtypes=[geometry.dtype], verbose=verbose,
+        inputs=[h, indices, weights, *down],
+        template=geometry.template(DOWN),
+        grid=grid,
+        threadgroup=group,
+        output_shapes=[(tokens, geometry.hidden)],
+        output_dtypes=[geometry.dtype],
+        verbose=verbose,
     )[0]
 
 
@@ -158,8 +194,17 @@ def plan(x: mx.array, indices: mx.array, gate_proj, up_proj, down_proj) -> Exper
     down_group = down_proj.group_size
     if ds.shape != (experts, hidden, ffn // down_group) or ffn % down_group or dw.shape[0] != experts:
         return None
-    return ExpertGeometry(x.dtype, group_size, bits, hidden, ffn, experts, indices.shape[-1],
-                          down_group_size=down_group, down_bits=down_proj.bits)
+    return ExpertGeometry(
+        x.dtype,
+        group_size,
+        bits,
+        hidden,
+        ffn,
+        experts,
+        indices.shape[-1],
+        down_group_size=down_group,
+        down_bits=down_proj.bits,
+    )
 
 
 def fused_switch_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_proj, up_proj, down_proj):
@@ -173,8 +218,9 @@ def fused_switch_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_pro
         return None
     flat_x = x.reshape(-1, geometry.hidden)  # (T, D)
     flat_ids = indices.reshape(-1)  # (P,)
-    parts = {name: (m.weight, m.scales, m.biases) for name, m in
-             (("gate", gate_proj), ("up", up_proj), ("down", down_proj))}
+    parts = {
+        name: (m.weight, m.scales, m.biases) for name, m in (("gate", gate_proj), ("up", up_proj), ("down", down_proj))
+    }
     h = launch_gate_up(flat_x, flat_ids, parts["gate"], parts["up"], geometry)  # (P, F)
     y = launch_down(h, flat_ids, weights.reshape(-1), parts["down"], geometry)  # (T, D)
     return y.reshape(x.shape)  # (B, L, D)

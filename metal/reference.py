@@ -15,12 +15,10 @@ def _dequantized(parts: tuple, ids: mx.array, geometry: ExpertGeometry, kind: st
     """The selected experts' weights in float32: (P, out, in)."""
     weight, scales, biases = (p[ids] for p in parts)
     group_size, bits = geometry.quantization(kind)
-    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
-                         group_size=group_size, bits=bits)
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
 
 
-def gate_up_reference(x: mx.array, indices: mx.array, gate: tuple, up: tuple,
-                      geometry: ExpertGeometry) -> mx.array:
+def gate_up_reference(x: mx.array, indices: mx.array, gate: tuple, up: tuple, geometry: ExpertGeometry) -> mx.array:
     """Twin of kernels.launch_gate_up: x (T, D), indices (P,) -> h (P, F) in geometry.dtype."""
     pair_x = x.astype(mx.float32)[mx.arange(indices.size) // geometry.top_k]  # (P, D)
     g = (_dequantized(gate, indices, geometry, GATE_UP) @ pair_x[..., None]).squeeze(-1)  # (P, F)
@@ -28,8 +26,9 @@ def gate_up_reference(x: mx.array, indices: mx.array, gate: tuple, up: tuple,
     return (g * mx.sigmoid(g) * u).astype(geometry.dtype)
 
 
-def down_reference(h: mx.array, indices: mx.array, weights: mx.array, down: tuple,
-                   geometry: ExpertGeometry) -> mx.array:
+def down_reference(
+    h: mx.array, indices: mx.array, weights: mx.array, down: tuple, geometry: ExpertGeometry
+) -> mx.array:
     """Twin of kernels.launch_down: h (P, F), indices (P,), weights (P,) -> y (T, D)."""
     per_pair = (_dequantized(down, indices, geometry, DOWN) @ h.astype(mx.float32)[..., None]).squeeze(-1)  # (P, D)
     mixed = per_pair * weights.astype(mx.float32)[:, None]  # (P, D)
@@ -42,9 +41,14 @@ def fused_switch_glu_reference(x: mx.array, indices: mx.array, weights: mx.array
     if geometry is None:
         return None
     ids = indices.reshape(-1)  # (P,)
-    h = gate_up_reference(x.reshape(-1, geometry.hidden), ids,
-                          (gate_proj.weight, gate_proj.scales, gate_proj.biases),
-                          (up_proj.weight, up_proj.scales, up_proj.biases), geometry)  # (P, F)
-    y = down_reference(h, ids, weights.reshape(-1),
-                       (down_proj.weight, down_proj.scales, down_proj.biases), geometry)  # (T, D)
+    h = gate_up_reference(
+        x.reshape(-1, geometry.hidden),
+        ids,
+        (gate_proj.weight, gate_proj.scales, gate_proj.biases),
+        (up_proj.weight, up_proj.scales, up_proj.biases),
+        geometry,
+    )  # (P, F)
+    y = down_reference(
+        h, ids, weights.reshape(-1), (down_proj.weight, down_proj.scales, down_proj.biases), geometry
+    )  # (T, D)
     return y.reshape(x.shape)  # (B, L, D)

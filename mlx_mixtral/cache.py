@@ -127,8 +127,8 @@ class RotatingKVCache:
             return self._update_one(keys, values)
         keep = self.max_size - 1
         old_k, old_v = self.state if self.keys is not None else (keys[..., :0, :], values[..., :0, :])
-        all_k = mx.concatenate([old_k[..., old_k.shape[2] - min(keep, old_k.shape[2]):, :], keys], axis=2)
-        all_v = mx.concatenate([old_v[..., old_v.shape[2] - min(keep, old_v.shape[2]):, :], values], axis=2)
+        all_k = mx.concatenate([old_k[..., old_k.shape[2] - min(keep, old_k.shape[2]) :, :], keys], axis=2)
+        all_v = mx.concatenate([old_v[..., old_v.shape[2] - min(keep, old_v.shape[2]) :, :], values], axis=2)
         self.offset += keys.shape[2]
         self.keys, self.values = all_k[..., -self.max_size :, :], all_v[..., -self.max_size :, :]
         self._write = self.keys.shape[2] % self.max_size
@@ -207,5 +207,5 @@ def load_prompt_cache(path: str | Path) -> tuple[list[Cache], dict[str, str]]:
     for i, meta in enumerate(json.loads(info["mlx_mixtral.cache"])):
         cls = _CACHE_TYPES[meta.pop("type")]
         caches.append(cls.from_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], meta))
-    user = {k[len("user."):]: v for k, v in info.items() if k.startswith("user.")}
+    user = {k[len("user.") :]: v for k, v in info.items() if k.startswith("user.")}
     return caches, user

@@ -71,8 +71,17 @@ class ChatSession:
     for every turn; keyword arguments to `send`/`stream` override them for one turn.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, system: str | None = None, max_kv_size: int | None = None,
-                 context_length: int | None = None, chat_template: str | None = None, **options: Any):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        system: str | None = None,
+        max_kv_size: int | None = None,
+        context_length: int | None = None,
+        chat_template: str | None = None,
+        **options: Any,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.max_kv_size = max_kv_size
@@ -112,7 +121,8 @@ class ChatSession:
             if room < 1:
                 raise ContextLimitError(
                     f"the conversation is {len(ids)} tokens and the model's context is {self.context_length}; "
-                    f"reset the chat, or start it with max_kv_size=N to keep a sliding window of N tokens")
+                    f"reset the chat, or start it with max_kv_size=N to keep a sliding window of N tokens"
+                )
             wanted = options.get("max_tokens", DEFAULT_MAX_TOKENS)
             options["max_tokens"] = room if wanted is None else min(wanted, room)
 
@@ -148,8 +158,13 @@ class ChatSession:
         """Write the messages and the KV cache to one safetensors file."""
         if not self.cached_ids:
             raise ValueError("nothing to save: the chat has no turns yet")
-        meta = {"format": SESSION_FORMAT, "system": json.dumps(self.system), "messages": json.dumps(self.messages),
-                "token_ids": json.dumps(self.cached_ids), "max_kv_size": json.dumps(self.max_kv_size)}
+        meta = {
+            "format": SESSION_FORMAT,
+            "system": json.dumps(self.system),
+            "messages": json.dumps(self.messages),
+            "token_ids": json.dumps(self.cached_ids),
+            "max_kv_size": json.dumps(self.max_kv_size),
+        }
         save_prompt_cache(path, self.cache, meta)
 
     @classmethod
@@ -157,15 +172,21 @@ class ChatSession:
         """A session saved by `save`, continuing exactly where it stopped, on the same model."""
         cache, meta = load_prompt_cache(path)
         if meta.get("format") != SESSION_FORMAT:
-            raise ValueError(f"{path}: not a saved chat session (format {meta.get('format')!r}, "
-                             f"expected {SESSION_FORMAT!r})")
+            raise ValueError(
+                f"{path}: not a saved chat session (format {meta.get('format')!r}, expected {SESSION_FORMAT!r})"
+            )
         args = model.args
         keys = cache[0].state[0] if cache else None
-        if len(cache) != args.num_hidden_layers or keys is None or \
-                (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim):
+        if (
+            len(cache) != args.num_hidden_layers
+            or keys is None
+            or (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim)
+        ):
             got = "no layers" if keys is None else f"{len(cache)} layers of {keys.shape[1]}x{keys.shape[3]} keys"
-            raise ValueError(f"{path}: saved for another model ({got}; this model has {args.num_hidden_layers} "
-                             f"layers of {args.num_key_value_heads}x{args.head_dim})")
+            raise ValueError(
+                f"{path}: saved for another model ({got}; this model has {args.num_hidden_layers} "
+                f"layers of {args.num_key_value_heads}x{args.head_dim})"
+            )
         kwargs.setdefault("system", json.loads(meta["system"]))
         kwargs.setdefault("max_kv_size", json.loads(meta["max_kv_size"]))
         session = cls(model, tokenizer, **kwargs)

@@ -52,8 +52,12 @@ class SwitchLinear(nn.Module):
             # The CPU backend's gather_mm only takes float32 (FACTS.md); the loader stores
             # unquantized experts in float32 on the CPU, so this upcast is only a fallback
             # for models built by hand in half precision.
-            out = mx.gather_mm(x.astype(mx.float32), weight.astype(mx.float32).swapaxes(-1, -2),
-                               rhs_indices=indices, sorted_indices=sorted_indices)
+            out = mx.gather_mm(
+                x.astype(mx.float32),
+                weight.astype(mx.float32).swapaxes(-1, -2),
+                rhs_indices=indices,
+                sorted_indices=sorted_indices,
+            )
             return out.astype(x.dtype)
         return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
@@ -67,8 +71,15 @@ class SwitchLinear(nn.Module):
 class QuantizedSwitchLinear(nn.Module):
     """SwitchLinear with each expert quantized by `mx.quantize` (packed weight, scales[, biases])."""
 
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int,
-                 group_size: int = 64, bits: int = 4, mode: str = "affine"):
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_experts: int,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
+    ):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
         self.set_weight(mx.zeros((num_experts, output_dims, input_dims)))
@@ -83,8 +94,16 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(
-            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+            x,
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
         )
 
 

@@ -18,17 +18,31 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from mlx_mixtral.cache import Cache
-from mlx_mixtral.sampling import (LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, top_logprobs,
-                       validate_token_ids)
+from mlx_mixtral.sampling import (
+    LogitsProcessor,
+    Sampler,
+    greedy,
+    make_logits_processors,
+    make_sampler,
+    top_logprobs,
+    validate_token_ids,
+)
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_TOKENS = 256
 
 
-def generate_step(prompt_ids: Sequence[int] | mx.array, model: Any, *, cache: list[Cache] | None = None,
-                  sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-                  key: mx.array | None = None) -> Iterator[tuple[int, mx.array]]:
+def generate_step(
+    prompt_ids: Sequence[int] | mx.array,
+    model: Any,
+    *,
+    cache: list[Cache] | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    key: mx.array | None = None,
+) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs (V,))` for each new token after `prompt_ids`.
 
     `cache` may already hold earlier tokens (the prompt then continues them); it is updated in
@@ -125,7 +139,7 @@ class StopMatcher:
             return out, True
         hold = self._held_tail()
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
+        self.pending = self.pending[len(self.pending) - hold :]
         return out, False
 
     def flush(self) -> str:
@@ -152,14 +166,28 @@ def prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[i
     return [int(t) for t in prompt]
 
 
-def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx.array, *,
-                    max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-                    top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
-                    repetition_context_size: int | None = 20, logit_bias: dict[int, float] | None = None,
-                    seed: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int = 0,
-                    cache: list[Cache] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                    continuation: bool | None = None) -> Iterator[GenerationResponse]:
+def stream_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    *,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int | None = 20,
+    logit_bias: dict[int, float] | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    logprobs: int = 0,
+    cache: list[Cache] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    continuation: bool | None = None,
+) -> Iterator[GenerationResponse]:
     """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
 
     `continuation` keeps the first token's word-boundary space (" mat" after "The cat sat on the"),
@@ -186,8 +214,16 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx
 
     start = time.perf_counter()
     first = prompt_tps = 0.0
-    steps = generate_step(ids, model, cache=cache, sampler=sampler, logits_processors=logits_processors,
-                          prefill_chunk=prefill_chunk, max_tokens=max_tokens, key=key)
+    steps = generate_step(
+        ids,
+        model,
+        cache=cache,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prefill_chunk=prefill_chunk,
+        max_tokens=max_tokens,
+        key=key,
+    )
     n = 0
     for n, (token, token_logprobs) in enumerate(steps, start=1):
         now = time.perf_counter()
@@ -205,10 +241,14 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx
                 tail, stopped = matcher.feed(detok.finalize())
                 text, finish = text + tail + ("" if stopped else matcher.flush()), ("stop" if stopped else "length")
         yield GenerationResponse(
-            text=text, token=token, finish_reason=finish,
+            text=text,
+            token=token,
+            finish_reason=finish,
             logprob=float(token_logprobs[token].item()) if logprobs else None,
             top_logprobs=top_logprobs(token_logprobs, logprobs) if logprobs else None,
-            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
             generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
         )

@@ -25,8 +25,14 @@ class LoadError(ValueError):
     """A model cannot be loaded; the message is one line naming the file, tensor or repo."""
 
 
-def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, revision: str | None = None,
-         lazy: bool = False, memory_check: str = "warn"):
+def load(
+    path_or_repo: str | Path,
+    *,
+    dtype: mx.Dtype | None = None,
+    revision: str | None = None,
+    lazy: bool = False,
+    memory_check: str = "warn",
+):
     """Load a model and its tokenizer from a local directory or a Hugging Face hub id.
 
     `dtype` is the compute dtype of everything not quantized (None: float32 on the CPU backend,
@@ -65,27 +71,34 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
 
 def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-        raise LoadError(f"{repo}: not in the local hub cache and {why}; download it once online "
-                        f"or pass a local directory") from None
+        raise LoadError(
+            f"{repo}: not in the local hub cache and {why}; download it once online or pass a local directory"
+        ) from None
     except GatedRepoError:
-        raise LoadError(f"{repo}: gated repository; accept its license on huggingface.co and log in "
-                        f"(huggingface-cli login)") from None
+        raise LoadError(
+            f"{repo}: gated repository; accept its license on huggingface.co and log in (huggingface-cli login)"
+        ) from None
     except RepositoryNotFoundError:
         raise LoadError(f"{repo}: no such repository on the hub (or it is private)") from None
     except RevisionNotFoundError:
         raise LoadError(f"{repo}: revision {revision!r} not found") from None
 
 
-def load_model(model_dir: str | Path, *, dtype: mx.Dtype | None = None, lazy: bool = False,
-               memory_check: str = "warn") -> Mixtral:
+def load_model(
+    model_dir: str | Path, *, dtype: mx.Dtype | None = None, lazy: bool = False, memory_check: str = "warn"
+) -> Mixtral:
     """Build the model a directory describes and load its checked weights into it."""
     model_dir = Path(model_dir)
     args, files, headers = read_model_dir(model_dir)
@@ -112,8 +125,16 @@ def read_model_dir(model_dir: Path) -> tuple[ModelArgs, list[Path], dict[str, Te
         raise LoadError(str(e)) from None
 
 
-def fill_model(model: Mixtral, weights: dict[str, mx.array], headers: dict[str, TensorInfo], model_dir: Path, *,
-               dtype: mx.Dtype | None, lazy: bool, memory_check: str) -> None:
+def fill_model(
+    model: Mixtral,
+    weights: dict[str, mx.array],
+    headers: dict[str, TensorInfo],
+    model_dir: Path,
+    *,
+    dtype: mx.Dtype | None,
+    lazy: bool,
+    memory_check: str,
+) -> None:
     """Quantize `model` like the checkpoint, check the (sanitized) weights against it, cast them
     to the compute dtype and load them. Each tensor is evaluated on its own and replaced in
     `weights`, so the uncast copy is freed before the next one is read."""
@@ -159,8 +180,10 @@ def quantize_like_checkpoint(model: nn.Module, weights: dict[str, Any], quantiza
         in_dims = module.weight.shape[-1]
         packed, scales = weights[f"{path}.weight"].shape[-1], weights[f"{path}.scales"].shape[-1]
         if in_dims % scales or (packed * 32) % in_dims:
-            raise LoadError(f"{path}: quantized shapes weight {weights[f'{path}.weight'].shape} / scales "
-                            f"{weights[f'{path}.scales'].shape} do not fit input size {in_dims}")
+            raise LoadError(
+                f"{path}: quantized shapes weight {weights[f'{path}.weight'].shape} / scales "
+                f"{weights[f'{path}.scales'].shape} do not fit input size {in_dims}"
+            )
         return {"group_size": in_dims // scales, "bits": packed * 32 // in_dims, "mode": mode}
 
     nn.quantize(model, class_predicate=predicate)
@@ -185,16 +208,22 @@ def check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: d
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise LoadError(f"{model_dir}: missing tensor {missing[0]!r}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise LoadError(
+            f"{model_dir}: missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
-        raise LoadError(f"{model_dir / _source_file(unexpected[0], headers)}: unexpected tensor {unexpected[0]!r} "
-                        f"(not part of a {model.args.model_type} model with this config)")
+        raise LoadError(
+            f"{model_dir / _source_file(unexpected[0], headers)}: unexpected tensor {unexpected[0]!r} "
+            f"(not part of a {model.args.model_type} model with this config)"
+        )
     for name in sorted(weights):
         if weights[name].shape != expected[name].shape:
-            raise LoadError(f"{model_dir / _source_file(name, headers)}: tensor {name!r} has shape "
-                            f"{list(weights[name].shape)}, config.json implies {list(expected[name].shape)}")
+            raise LoadError(
+                f"{model_dir / _source_file(name, headers)}: tensor {name!r} has shape "
+                f"{list(weights[name].shape)}, config.json implies {list(expected[name].shape)}"
+            )
 
 
 def _physical_memory() -> tuple[int, int | None]:
@@ -218,8 +247,10 @@ def check_memory(needed: int, model_dir: Path, mode: str = "warn") -> None:
     total, avail = _physical_memory()
     gb = 1024**3
     if needed > total:
-        msg = (f"{model_dir}: model needs {needed / gb:.1f} GiB but this machine has {total / gb:.1f} GiB "
-               f"usable; use a smaller quantization")
+        msg = (
+            f"{model_dir}: model needs {needed / gb:.1f} GiB but this machine has {total / gb:.1f} GiB "
+            f"usable; use a smaller quantization"
+        )
         raise LoadError(msg)
     if avail is not None and needed > avail:
         msg = f"{model_dir}: model needs {needed / gb:.1f} GiB, only {avail / gb:.1f} GiB free now; expect swapping"

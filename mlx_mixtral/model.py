@@ -48,8 +48,9 @@ class Attention(nn.Module):
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         # HF's Mistral/Mixtral rotate the two halves of each head (non-interleaved: traditional=False).
-        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta, scale=self.rope_scale,
-                            offset=offset)
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=self.rope_theta, scale=self.rope_scale, offset=offset
+        )
 
     def __call__(self, x: mx.array, cache: Cache | None = None) -> mx.array:
         B, L, _ = x.shape

@@ -121,8 +121,11 @@ def make_logit_bias(bias: dict[int, float]) -> LogitsProcessor:
     return process
 
 
-def make_logits_processors(repetition_penalty: float | None = None, repetition_context_size: int | None = 20,
-                           logit_bias: dict[int, float] | None = None) -> list[LogitsProcessor]:
+def make_logits_processors(
+    repetition_penalty: float | None = None,
+    repetition_context_size: int | None = 20,
+    logit_bias: dict[int, float] | None = None,
+) -> list[LogitsProcessor]:
     processors: list[LogitsProcessor] = []
     if logit_bias:
         processors.append(make_logit_bias(logit_bias))

@@ -16,8 +16,21 @@ from pathlib import Path
 INDEX_NAME = "model.safetensors.index.json"
 
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
 }
 # Header sizes above this are not a model header but a corrupt length field.
 _MAX_HEADER = 100 * 1024 * 1024
@@ -51,8 +64,9 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
                 raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise WeightsError(f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, "
-                                   f"file has {size})")
+                raise WeightsError(
+                    f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size})"
+                )
             header = json.loads(f.read(header_len))
     except OSError as e:
         raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
@@ -72,11 +86,14 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         if dtype not in DTYPE_BYTES:
             raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
-            raise WeightsError(f"{path}: tensor {name!r} byte range {start}..{end} does not match "
-                               f"shape {list(shape)} of {dtype}")
+            raise WeightsError(
+                f"{path}: tensor {name!r} byte range {start}..{end} does not match shape {list(shape)} of {dtype}"
+            )
         if base + end > size:
-            raise WeightsError(f"{path}: truncated: tensor {name!r} needs bytes up to {base + end} "
-                               f"but the file has {size} (incomplete download?)")
+            raise WeightsError(
+                f"{path}: truncated: tensor {name!r} needs bytes up to {base + end} "
+                f"but the file has {size} (incomplete download?)"
+            )
         tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
     return tensors
 
@@ -100,8 +117,9 @@ def find_weight_files(model_dir: str | Path) -> list[Path]:
         for f in files:
             if not f.is_file():
                 missing = next(t for t, n in weight_map.items() if model_dir / n == f)
-                raise WeightsError(f"{index_path}: names shard {f.name!r} (holding e.g. {missing!r}) "
-                                   f"which does not exist")
+                raise WeightsError(
+                    f"{index_path}: names shard {f.name!r} (holding e.g. {missing!r}) which does not exist"
+                )
         return files
     for pattern in ("model*.safetensors", "consolidated*.safetensors"):
         files = sorted(model_dir.glob(pattern))

@@ -55,8 +55,10 @@ def main() -> int:
     if not dm.is_leader:
         return dm.follow()
     result = {
-        "sampled": [r.token for r in dm.stream_generate("The capital of France", max_tokens=8, temperature=0.9,
-                                                          top_k=20, seed=11)],
+        "sampled": [
+            r.token
+            for r in dm.stream_generate("The capital of France", max_tokens=8, temperature=0.9, top_k=20, seed=11)
+        ],
         "unseeded": [r.token for r in dm.stream_generate("Hello", max_tokens=6, temperature=1.0)],
         "chat": run_chat(dm.chat(temperature=0.0)),
         "seeded_chat": run_chat(dm.chat(**SEEDED_CHAT)),

@@ -20,8 +20,14 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mlx_mixtral.distributed.group import (DistributedError, check_same_model, follow, init_group, lead,
-                                     release_followers)
+from mlx_mixtral.distributed.group import (
+    DistributedError,
+    check_same_model,
+    follow,
+    init_group,
+    lead,
+    release_followers,
+)
 from mlx_mixtral.loader import LoadError
 from mlx_mixtral.distributed.loader import load_sharded
 from mlx_mixtral.distributed.sharding import ShardError, describe
@@ -91,8 +97,12 @@ def main() -> int:
     list(lead(group, {"op": "diverge"}, handlers, token_of))
     items = list(lead(group, {"op": "greedy", "prompt": PROMPT, "steps": args.steps}, handlers, token_of))
     release_followers(group)
-    np.savez(os.path.join(args.out, "rank0.npz"), tokens=np.array([it["token"] for it in items]),
-             prefill=items[0]["logits"], steps=np.stack([it["logits"][-1] for it in items]))
+    np.savez(
+        os.path.join(args.out, "rank0.npz"),
+        tokens=np.array([it["token"] for it in items]),
+        prefill=items[0]["logits"],
+        steps=np.stack([it["logits"][-1] for it in items]),
+    )
     return 0
 
 

@@ -34,16 +34,29 @@ TRANSCRIPT = [
 ]
 
 CONFIG = dict(
-    model_type="mixtral", vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-    rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+    model_type="mixtral",
+    vocab_size=32000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-5,
+    rope_theta=1e6,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
     tie_word_embeddings=False,
 )
 
 
 def training_sequences(tokenizer) -> list[list[int]]:
-    return [tokenizer.encode(TEXT_PROMPT + TEXT_CONTINUATION, bos=True),
-            tokenizer.apply_chat_template(TRANSCRIPT, add_generation_prompt=False)]
+    return [
+        tokenizer.encode(TEXT_PROMPT + TEXT_CONTINUATION, bos=True),
+        tokenizer.apply_chat_template(TRANSCRIPT, add_generation_prompt=False),
+    ]
 
 
 def train(sequences: list[list[int]], *, seed: int = 0, max_steps: int = 300) -> tuple[Mixtral, int]:

@@ -69,8 +69,19 @@ class LiveServer:
     """`python -m mlx_mixtral serve ... --port 0` in a subprocess; `url` once it answers /health."""
 
     def __init__(self, model_dir: Path, *args: str):
-        cmd = [sys.executable, "-m", "mlx_mixtral", "serve", "--model", str(model_dir), "--port", "0",
-               "--log-level", "warning", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlx_mixtral",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self.url = self._wait_for_address()
@@ -126,17 +137,22 @@ class Reference:
     def greedy(self, ids: list[int], max_tokens: int, ban_eos: bool = False) -> tuple[list[int], str]:
         """Greedy continuation (stopping at EOS unless banned) and its text."""
         with self.torch.no_grad():
-            out = self.hf.generate(self.torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens,
-                                   eos_token_id=None if ban_eos else EOS, pad_token_id=0,
-                                   **({"suppress_tokens": [EOS]} if ban_eos else {}))
-        tokens = out[0, len(ids):].tolist()
+            out = self.hf.generate(
+                self.torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                eos_token_id=None if ban_eos else EOS,
+                pad_token_id=0,
+                **({"suppress_tokens": [EOS]} if ban_eos else {}),
+            )
+        tokens = out[0, len(ids) :].tolist()
         if tokens and tokens[-1] == EOS:
             tokens = tokens[:-1]
         return tokens, self.sp.decode(tokens)
 
     def continuation_text(self, ids: list[int], tokens: list[int]) -> str:
         """What `tokens` add to the text of the prompt `ids` (BOS first): a completion's text."""
-        return self.sp.decode(ids[1:] + tokens)[len(self.sp.decode(ids[1:])):]
+        return self.sp.decode(ids[1:] + tokens)[len(self.sp.decode(ids[1:])) :]
 
     def logprobs(self, ids: list[int], tokens: list[int]) -> list[float]:
         """log p(token_i | ids + tokens[:i]) for each generated token."""
@@ -150,8 +166,20 @@ class Reference:
 # them); they stop when the interpreter exits.
 _shared: dict[str, object] = {}
 STRICT_KEY = "test-key-123"
-STRICT_ARGS = ("--api-key", STRICT_KEY, "--max-tokens-cap", "16", "--max-body-bytes", "4000", "--max-messages", "4",
-               "--cors-origin", "http://allowed.example", "--served-model-name", "tiny")
+STRICT_ARGS = (
+    "--api-key",
+    STRICT_KEY,
+    "--max-tokens-cap",
+    "16",
+    "--max-body-bytes",
+    "4000",
+    "--max-messages",
+    "4",
+    "--cors-origin",
+    "http://allowed.example",
+    "--served-model-name",
+    "tiny",
+)
 
 
 def shared(name: str):

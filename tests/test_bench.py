@@ -10,8 +10,22 @@ import mlx.core as mx
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-TINY = ["--hidden", "64", "--ffn", "128", "--experts", "4", "--top-k", "2", "--layers", "2", "--heads", "4",
-        "--kv-heads", "2"]
+TINY = [
+    "--hidden",
+    "64",
+    "--ffn",
+    "128",
+    "--experts",
+    "4",
+    "--top-k",
+    "2",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +42,26 @@ def side_by_side(tmp_path_factory):
     with open(capture, "w") as f:
         sys.stdout = f
         try:
-            assert vs_mlx_lm.main(TINY + ["--quants", "4bit,bf16", "--prompt-lengths", "8,20", "--decode-tokens", "2",
-                                          "--reps", "1", "--host-reps", "1", "--out", str(out)]) == 0
+            assert (
+                vs_mlx_lm.main(
+                    TINY
+                    + [
+                        "--quants",
+                        "4bit,bf16",
+                        "--prompt-lengths",
+                        "8,20",
+                        "--decode-tokens",
+                        "2",
+                        "--reps",
+                        "1",
+                        "--host-reps",
+                        "1",
+                        "--out",
+                        str(out),
+                    ]
+                )
+                == 0
+            )
         finally:
             sys.stdout = saved
     run_dir = out / "h64-f128-e4k2-l2"
@@ -105,8 +137,10 @@ def test_accounting_catches_an_ungathered_expert_read(side_by_side, monkeypatch)
     # at least all E experts instead of K (the CPU's dequantize may read the packed words once per nibble)
     assert read >= least * model.args.num_local_experts // model.args.num_experts_per_tok
     assert got.weights.ratio > 1.02
-    assert any(s.startswith("model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight by ")
-               for s in got.weights.full_reads_of_gathered)
+    assert any(
+        s.startswith("model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight by ")
+        for s in got.weights.full_reads_of_gathered
+    )
 
 
 def test_parse_dot_counts_primitives_and_readers():
@@ -124,8 +158,28 @@ def test_bench_command_prints_a_table_and_the_roofline(side_by_side, tmp_path, c
 
     _, _, run_dir = side_by_side
     out_json = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(run_dir / "4bit"), "--prompt-lengths", "6,12", "--decode-tokens", "2",
-                 "--reps", "1", "--bandwidth", "100", "--json", str(out_json), "--plot", str(tmp_path / "b.png")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(run_dir / "4bit"),
+                "--prompt-lengths",
+                "6,12",
+                "--decode-tokens",
+                "2",
+                "--reps",
+                "1",
+                "--bandwidth",
+                "100",
+                "--json",
+                str(out_json),
+                "--plot",
+                str(tmp_path / "b.png"),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "% roofline" in stdout.splitlines()[0] and len(stdout.splitlines()) == 3
     result = json.loads(out_json.read_text())
@@ -161,7 +215,14 @@ def test_kernel_comparison_uses_the_model_expert_shapes(side_by_side):
 
     _, _, run_dir = side_by_side
     model = load_model(run_dir / "4bit")
-    assert expert_geometry(model) == {"hidden": 64, "ffn": 128, "experts": 4, "top_k": 2, "bits": 4, "group_size": 64,
-                                      "dtype": model.model.norm.weight.dtype}
+    assert expert_geometry(model) == {
+        "hidden": 64,
+        "ffn": 128,
+        "experts": 4,
+        "top_k": 2,
+        "bits": 4,
+        "group_size": 64,
+        "dtype": model.model.norm.weight.dtype,
+    }
     if not mx.metal.is_available():
         assert "Metal" in fused_vs_builtin(model)["skipped"]

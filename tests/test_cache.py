@@ -30,7 +30,7 @@ def _feed(model, ids, cache, chunks):
     out, pos, i = [], 0, 0
     while pos < ids.shape[1]:
         size = chunks[min(i, len(chunks) - 1)]
-        out.append(model(ids[:, pos:pos + size], cache=cache))
+        out.append(model(ids[:, pos : pos + size], cache=cache))
         pos, i = pos + size, i + 1
     return mx.concatenate(out, axis=1)
 

@@ -97,8 +97,7 @@ def test_closing_mid_answer_keeps_the_partial_answer(babbler):
     stream = chat.stream("Tell me a story", max_tokens=50)
     partial = "".join(next(stream).text for _ in range(5))
     stream.close()
-    assert chat.messages == [{"role": "user", "content": "Tell me a story"},
-                             {"role": "assistant", "content": partial}]
+    assert chat.messages == [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": partial}]
     tokens = [r.token for r in chat.stream("Go on", max_tokens=8)]
     ids = tokenizer.apply_chat_template(chat.conversation()[:-1])
     assert tokens == _from_scratch(model, ids, len(tokens))
@@ -174,7 +173,12 @@ def test_sliding_window_chat_matches_transformers_sliding_window(babbler):
         ids = tokenizer.apply_chat_template(chat.conversation() + [{"role": "user", "content": question}])
         tokens = [r.token for r in chat.stream(question, max_tokens=10)]
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=len(tokens),
-                              min_new_tokens=len(tokens), pad_token_id=0)[0, len(ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=len(tokens),
+                min_new_tokens=len(tokens),
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
         assert tokens == ref
     assert chat.cache[0].offset > 2 * window

@@ -75,17 +75,21 @@ def test_finished_and_continued_conversations(kind):
         assert expected[-1] == tok.eos_token_id
     prefilled = [U("Write a haiku"), {**A("Autumn moonlight -"), "prefix": True}]
     expected = _reference(version, prefilled)
-    assert tok.apply_chat_template(prefilled[:1] + [A("Autumn moonlight -")], continue_final_message=True,
-                                   add_generation_prompt=False) == expected
+    assert (
+        tok.apply_chat_template(
+            prefilled[:1] + [A("Autumn moonlight -")], continue_final_message=True, add_generation_prompt=False
+        )
+        == expected
+    )
     assert expected[-1] != tok.eos_token_id
 
 
 REJECTED = [
     [],
     [A("alone")],
-    [U("a"), A("b")],                  # a new answer needs a user message last
+    [U("a"), A("b")],  # a new answer needs a user message last
     [U("a"), A("b"), S("s"), U("c")],  # system may not follow assistant
-    [U("a"), A(""), U("c")],           # assistant without content
+    [U("a"), A(""), U("c")],  # assistant without content
 ]
 
 
@@ -106,9 +110,11 @@ def test_rejected_conversations_raise_one_line_value_errors(version):
 
 # Jinja templates written for these tests in the styles found on the hub: ChatML (BOS written by the
 # template), and an [INST] template with a system prompt, whitespace control and raise_exception.
-CHATML = ("{{ bos_token }}{% for message in messages %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 INST_STYLE = """{%- if messages[0]['role'] == 'system' %}
     {%- set system_text = messages[0]['content'] %}
     {%- set turns = messages[1:] %}
@@ -171,18 +177,21 @@ def test_jinja_template_matches_transformers(jinja_pair):
     assert ours.chat_template_name == "jinja"
     for messages in JINJA_CONVERSATIONS:
         for generation_prompt in (True, False):
-            assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == \
-                _hf_ids(hf, messages, add_generation_prompt=generation_prompt), messages
+            assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == _hf_ids(
+                hf, messages, add_generation_prompt=generation_prompt
+            ), messages
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ours.render_chat_template(messages) == text
     finished = JINJA_CONVERSATIONS[1][:3]
-    assert ours.apply_chat_template(finished, add_generation_prompt=False, continue_final_message=True) == \
-        _hf_ids(hf, finished, continue_final_message=True)
+    assert ours.apply_chat_template(finished, add_generation_prompt=False, continue_final_message=True) == _hf_ids(
+        hf, finished, continue_final_message=True
+    )
 
 
 def test_jinja_template_writes_bos_once():
-    ours = load_tokenizer(write_sp_dir(tokenizer_dir("v1").parent / "bos_once", "v1",
-                                       tokenizer_config("v1", chat_template=CHATML)))
+    ours = load_tokenizer(
+        write_sp_dir(tokenizer_dir("v1").parent / "bos_once", "v1", tokenizer_config("v1", chat_template=CHATML))
+    )
     ids = ours.apply_chat_template([U("Hi")])
     assert ids[:2] == [1, 32001] and ids.count(1) == 1
 
@@ -204,8 +213,9 @@ def test_template_override():
     messages = CONVERSATIONS[2]
     assert ours.apply_chat_template(messages, template="mistral-v3") == _reference("v3", messages)
     assert ours.apply_chat_template(messages, template="jinja") == _hf_ids(hf, messages, add_generation_prompt=True)
-    assert ours.apply_chat_template(messages, template=INST_STYLE) == \
-        _hf_ids(hf, messages, chat_template=INST_STYLE, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages, template=INST_STYLE) == _hf_ids(
+        hf, messages, chat_template=INST_STYLE, add_generation_prompt=True
+    )
     with pytest.raises(ValueError, match="unknown chat template 'chatml'"):
         ours.apply_chat_template(messages, template="chatml")
     plain = loaded_tokenizer("v1")
@@ -222,8 +232,9 @@ def test_named_templates_and_syntax_errors(tmp_path):
     ours, hf = load_tokenizer(path), hf_tokenizer(str(path))
     messages = [U("hi")]
     assert ours.apply_chat_template(messages) == _hf_ids(hf, messages, add_generation_prompt=True)
-    assert ours.apply_chat_template(messages, template="tool_use") == \
-        _hf_ids(hf, messages, chat_template="tool_use", add_generation_prompt=True)
+    assert ours.apply_chat_template(messages, template="tool_use") == _hf_ids(
+        hf, messages, chat_template="tool_use", add_generation_prompt=True
+    )
     with pytest.raises(ValueError, match="chat template: syntax error on line 1"):
         ours.apply_chat_template(messages, template="{% for x in %}")
     assert json.loads(ours.render_chat_template([S("é")], template="{{ messages[0]['content'] | tojson }}")) == "é"

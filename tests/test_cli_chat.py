@@ -29,8 +29,9 @@ def babbler(tmp_path_factory):
 
 
 def _run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral", *args], capture_output=True, text=True,
-                          input=stdin, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_mixtral", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
 
 
 # --- generate ----------------------------------------------------------------------------------
@@ -41,23 +42,40 @@ def test_generate_prints_only_the_completion(memorized):
     r = _run("generate", "--model", str(memorized), "--prompt", TEXT_PROMPT, "--max-tokens", str(n))
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected  # nothing but the completion, not even a newline when piped
-    stats = re.search(r"prompt: (\d+) tokens, [\d.]+ tok/s \| generation: (\d+) tokens, [\d.]+ tok/s \| "
-                      r"peak memory: [\d.]+ GB", r.stderr)
+    stats = re.search(
+        r"prompt: (\d+) tokens, [\d.]+ tok/s \| generation: (\d+) tokens, [\d.]+ tok/s \| "
+        r"peak memory: [\d.]+ GB",
+        r.stderr,
+    )
     assert stats and int(stats[1]) == len(tok.encode(TEXT_PROMPT)) and int(stats[2]) == n
 
 
 def test_generate_chat_applies_the_template_and_stops(memorized):
-    r = _run("generate", "--model", str(memorized), "--prompt", "-", "--chat", "--max-tokens", "50",
-             "--stop", "experts", stdin=TRANSCRIPT[0]["content"])
+    r = _run(
+        "generate",
+        "--model",
+        str(memorized),
+        "--prompt",
+        "-",
+        "--chat",
+        "--max-tokens",
+        "50",
+        "--stop",
+        "experts",
+        stdin=TRANSCRIPT[0]["content"],
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "A sparse mixture of "  # the answer up to the stop string, which is not printed
 
 
-@pytest.mark.parametrize("args,code,words", [
-    (["--model", "/no/such/model"], 1, "/no/such/model"),
-    (["--temp", "-1"], 2, "temperature"),
-    (["--max-tokens", "-5"], 2, "--max-tokens"),
-])
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (["--model", "/no/such/model"], 1, "/no/such/model"),
+        (["--temp", "-1"], 2, "temperature"),
+        (["--max-tokens", "-5"], 2, "--max-tokens"),
+    ],
+)
 def test_generate_errors_are_one_line(memorized, args, code, words):
     r = _run("generate", "--model", str(memorized), "--prompt", "hi", *args)
     assert r.returncode == code
@@ -92,8 +110,9 @@ class Terminal:
                 return m
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {pattern!r} within {timeout}s; screen after last match:\n"
-                                     f"{self.seen[self.pos:][-3000:]}")
+                raise AssertionError(
+                    f"no {pattern!r} within {timeout}s; screen after last match:\n{self.seen[self.pos :][-3000:]}"
+                )
             if select.select([self.fd], [], [], min(left, 1.0))[0]:
                 try:
                     self.seen += os.read(self.fd, 65536).decode("utf-8", "replace").replace("\r\n", "\n")
@@ -114,7 +133,7 @@ class Terminal:
                     self.seen += os.read(self.fd, 65536).decode("utf-8", "replace")
             except OSError:
                 time.sleep(0.1)
-        raise AssertionError(f"the chat did not exit; screen after last match:\n{self.seen[self.pos:][-3000:]}")
+        raise AssertionError(f"the chat did not exit; screen after last match:\n{self.seen[self.pos :][-3000:]}")
 
     def kill(self):
         try:
@@ -129,7 +148,8 @@ def test_chat_two_turns_reset_and_quit(memorized):
     tok = load_tokenizer(memorized)
     first_prompt = len(tok.apply_chat_template(TRANSCRIPT[:1]))
     second_new = len(tok.apply_chat_template(TRANSCRIPT[:3])) - len(
-        tok.apply_chat_template(TRANSCRIPT[:2], add_generation_prompt=False))
+        tok.apply_chat_template(TRANSCRIPT[:2], add_generation_prompt=False)
+    )
     term = Terminal("chat", "--model", str(memorized), "--stats")
     try:
         term.expect(r"> $")

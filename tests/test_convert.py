@@ -33,8 +33,9 @@ def hf_sharded(tmp_path_factory):
 def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     out = {}
     for f in sorted(model_dir.glob("model*.safetensors")):
-        out.update({k: np.asarray(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)
-                    for k, v in mx.load(str(f)).items()})
+        out.update(
+            {k: np.asarray(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in mx.load(str(f)).items()}
+        )
     return out
 
 
@@ -102,9 +103,14 @@ def test_single_and_sharded_sources_give_identical_files(tmp_path, hf_single, hf
 
 
 SETTINGS = [
-    dict(q_bits=2, q_group_size=32), dict(q_bits=3, q_group_size=64), dict(q_bits=5, q_group_size=128),
-    dict(q_bits=6, q_group_size=64), dict(q_bits=8, q_group_size=128), dict(q_mode="mxfp4"),
-    dict(q_mode="mxfp8"), dict(q_mode="nvfp4"),
+    dict(q_bits=2, q_group_size=32),
+    dict(q_bits=3, q_group_size=64),
+    dict(q_bits=5, q_group_size=128),
+    dict(q_bits=6, q_group_size=64),
+    dict(q_bits=8, q_group_size=128),
+    dict(q_mode="mxfp4"),
+    dict(q_mode="mxfp8"),
+    dict(q_mode="nvfp4"),
 ]
 
 
@@ -176,8 +182,10 @@ def test_mlx_sources_reshard_requantize_dequantize(tmp_path, hf_single):
 
     resharded = convert(q4, tmp_path / "resharded", max_shard_size="30KB")
     assert len(list(resharded.glob("model-*.safetensors"))) > 2
-    assert json.loads((resharded / "config.json").read_text())["quantization"] == \
-        json.loads((q4 / "config.json").read_text())["quantization"]
+    assert (
+        json.loads((resharded / "config.json").read_text())["quantization"]
+        == json.loads((q4 / "config.json").read_text())["quantization"]
+    )
     again = read_tensors(resharded)
     assert again.keys() == src.keys()
     for k in src:
@@ -187,8 +195,9 @@ def test_mlx_sources_reshard_requantize_dequantize(tmp_path, hf_single):
     assert "quantization" not in json.loads((deq / "config.json").read_text())
     w = read_tensors(deq)["model.layers.1.self_attn.v_proj.weight"]
     p = "model.layers.1.self_attn.v_proj"
-    expected = mx.dequantize(mx.array(src[p + ".weight"]), mx.array(src[p + ".scales"]), mx.array(src[p + ".biases"]),
-                             group_size=64, bits=6)
+    expected = mx.dequantize(
+        mx.array(src[p + ".weight"]), mx.array(src[p + ".scales"]), mx.array(src[p + ".biases"]), group_size=64, bits=6
+    )
     np.testing.assert_array_equal(w, np.asarray(expected))
     assert rel_err(logits(deq), logits(q4)) < REL_TOL
 
@@ -208,11 +217,18 @@ def _hf_to_native(hf_dir: Path, out_dir: Path) -> Path:
 
     config = json.loads((hf_dir / "config.json").read_text())
     heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
-    names = [("model.embed_tokens.", "tok_embeddings."), ("model.norm.", "norm."), ("lm_head.", "output."),
-             (".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
-             (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."),
-             (".input_layernorm.", ".attention_norm."), (".post_attention_layernorm.", ".ffn_norm."),
-             ("model.layers.", "layers.")]
+    names = [
+        ("model.embed_tokens.", "tok_embeddings."),
+        ("model.norm.", "norm."),
+        ("lm_head.", "output."),
+        (".self_attn.q_proj.", ".attention.wq."),
+        (".self_attn.k_proj.", ".attention.wk."),
+        (".self_attn.v_proj.", ".attention.wv."),
+        (".self_attn.o_proj.", ".attention.wo."),
+        (".input_layernorm.", ".attention_norm."),
+        (".post_attention_layernorm.", ".ffn_norm."),
+        ("model.layers.", "layers."),
+    ]
     native = {}
     for name, w in load_file(hf_dir / "model.safetensors").items():
         for proj, n in heads.items():
@@ -224,12 +240,18 @@ def _hf_to_native(hf_dir: Path, out_dir: Path) -> Path:
         native[name] = w.contiguous()
     out_dir.mkdir()
     save_file(native, out_dir / "consolidated.safetensors")
-    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
-              "head_dim": config["hidden_size"] // config["num_attention_heads"],
-              "hidden_dim": config["intermediate_size"], "n_heads": config["num_attention_heads"],
-              "n_kv_heads": config["num_key_value_heads"], "norm_eps": config["rms_norm_eps"],
-              "vocab_size": config["vocab_size"], "rope_theta": 1e6,
-              "moe": {"num_experts": config["num_local_experts"], "num_experts_per_tok": config["num_experts_per_tok"]}}
+    params = {
+        "dim": config["hidden_size"],
+        "n_layers": config["num_hidden_layers"],
+        "head_dim": config["hidden_size"] // config["num_attention_heads"],
+        "hidden_dim": config["intermediate_size"],
+        "n_heads": config["num_attention_heads"],
+        "n_kv_heads": config["num_key_value_heads"],
+        "norm_eps": config["rms_norm_eps"],
+        "vocab_size": config["vocab_size"],
+        "rope_theta": 1e6,
+        "moe": {"num_experts": config["num_local_experts"], "num_experts_per_tok": config["num_experts_per_tok"]},
+    }
     (out_dir / "params.json").write_text(json.dumps(params))
     return out_dir
 

@@ -78,8 +78,10 @@ def test_tensor_larger_than_shard_limit_gets_its_own_file(tmp_path, hf_dir):
     assert by_file[embed_file] == ["model.embed_tokens.weight"]
 
 
-@pytest.mark.parametrize("text, expected", [("500MB", 500 * 10**6), ("5GB", 5 * 10**9), ("1.5GiB", 3 * 2**29),
-                                            ("64kb", 64_000), (12345, 12345)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("500MB", 500 * 10**6), ("5GB", 5 * 10**9), ("1.5GiB", 3 * 2**29), ("64kb", 64_000), (12345, 12345)],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -106,8 +108,10 @@ def _corrupt_header(src):
 
 def _index_missing_shard(src):
     mx.save_safetensors(str(src / "model-00001-of-00002.safetensors"), dict(mx.load(str(src / "model.safetensors"))))
-    weight_map = {k: "model-0000{}-of-00002.safetensors".format(1 + (i % 2))
-                  for i, k in enumerate(mx.load(str(src / "model.safetensors")))}
+    weight_map = {
+        k: "model-0000{}-of-00002.safetensors".format(1 + (i % 2))
+        for i, k in enumerate(mx.load(str(src / "model.safetensors")))
+    }
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (src / "model.safetensors").unlink()
     return "model-00002-of-00002.safetensors' .*which does not exist"
@@ -120,7 +124,9 @@ def _missing_config(src):
 
 def _int64_tensor(src):
     tensors = dict(mx.load(str(src / "model.safetensors")))
-    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].astype(mx.int64)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].astype(
+        mx.int64
+    )
     mx.save_safetensors(str(src / "model.safetensors"), tensors)
     return "'model.layers.0.self_attn.q_proj.weight' has dtype I64, which cannot be converted"
 
@@ -144,8 +150,16 @@ def _missing_tensor(src):
     return "lacks tensor 'model.layers.1.post_attention_layernorm.weight'"
 
 
-BREAKAGES = [_truncate, _corrupt_header, _index_missing_shard, _missing_config, _int64_tensor,
-             _unknown_model_type, _wrong_shape, _missing_tensor]
+BREAKAGES = [
+    _truncate,
+    _corrupt_header,
+    _index_missing_shard,
+    _missing_config,
+    _int64_tensor,
+    _unknown_model_type,
+    _wrong_shape,
+    _missing_tensor,
+]
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__.strip("_"))
@@ -157,17 +171,20 @@ def test_bad_sources_fail_with_one_line_and_leave_nothing(tmp_path, hf_copy, bre
     assert leftovers(tmp_path, "out") == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(dtype="float64"), "unsupported dtype 'float64'"),
-    (dict(quantize=True, q_bits=7), "unsupported bits 7"),
-    (dict(quantize=True, q_group_size=16), "unsupported group size 16"),
-    (dict(quantize=True, q_mode="int4"), "unsupported quantization mode 'int4'"),
-    (dict(quantize=True, q_mode="nvfp4", q_group_size=32), "mode 'nvfp4' uses 4 bits with group size 16"),
-    (dict(recipe="mixed_9_9"), "unknown recipe 'mixed_9_9'"),
-    (dict(recipe="mixed_3_6", q_mode="mxfp4"), "only mode 'affine' allows"),
-    (dict(quantize=True, dequantize=True), "either quantize or dequantize"),
-    (dict(max_shard_size="lots"), "invalid shard size 'lots'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dtype="float64"), "unsupported dtype 'float64'"),
+        (dict(quantize=True, q_bits=7), "unsupported bits 7"),
+        (dict(quantize=True, q_group_size=16), "unsupported group size 16"),
+        (dict(quantize=True, q_mode="int4"), "unsupported quantization mode 'int4'"),
+        (dict(quantize=True, q_mode="nvfp4", q_group_size=32), "mode 'nvfp4' uses 4 bits with group size 16"),
+        (dict(recipe="mixed_9_9"), "unknown recipe 'mixed_9_9'"),
+        (dict(recipe="mixed_3_6", q_mode="mxfp4"), "only mode 'affine' allows"),
+        (dict(quantize=True, dequantize=True), "either quantize or dequantize"),
+        (dict(max_shard_size="lots"), "invalid shard size 'lots'"),
+    ],
+)
 def test_bad_options_fail_with_one_line(tmp_path, hf_dir, kwargs, message):
     with pytest.raises(ConvertError, match=message):
         convert(hf_dir, tmp_path / "out", **kwargs)
@@ -227,8 +244,9 @@ convert(sys.argv[1], sys.argv[2], quantize=True, max_shard_size="20KB", progress
 
 def test_killed_conversion_leaves_no_destination(tmp_path, hf_dir):
     dst = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(hf_dir), str(dst)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SCRIPT, str(hf_dir), str(dst)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "MIDWAY"
         partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
@@ -265,8 +283,9 @@ def test_interrupted_or_failed_write_leaves_nothing(tmp_path, hf_dir, monkeypatc
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral.convert", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_mixtral.convert", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_cli_converts_and_reports_on_stderr(tmp_path, hf_dir):
@@ -286,8 +305,21 @@ def test_cli_converts_and_reports_on_stderr(tmp_path, hf_dir):
 def test_mlx_mixtral_dispatcher_runs_convert(tmp_path, hf_dir):
     from mlx_mixtral.cli import main
 
-    assert main(["convert", "--hf-path", str(hf_dir), "--mlx-path", str(tmp_path / "d"), "--recipe", "mixed_3_6",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--hf-path",
+                str(hf_dir),
+                "--mlx-path",
+                str(tmp_path / "d"),
+                "--recipe",
+                "mixed_3_6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "d" / "config.json").read_text())["quantization"]["lm_head"]["bits"] == 6
 
 

@@ -11,8 +11,9 @@ from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, WindowDetokenize
 from mlx_mixtral.tokenizer import load_tokenizer
 from tokenizer_fixtures import BASE_VOCAB, BYTE0, hf_tokenizer, loaded_tokenizer, tokenizer_dir
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 KINDS = ["v1", "v3-json"]
 
 
@@ -29,8 +30,13 @@ def _ids(kind):
     space = 28705 if kind.startswith("v1") else 29473
     utf8_lead = st.sampled_from([byte0 + b for b in (0xC3, 0xE2, 0xE6, 0xF0, 0xF0)])
     utf8_cont = st.integers(byte0 + 0x80, byte0 + 0xBF)
-    token = st.one_of(st.integers(3, n - 1), st.integers(byte0, byte0 + 255), utf8_lead, utf8_cont,
-                      st.sampled_from([0, 1, 2, space, n, n + 1, n + 7]))
+    token = st.one_of(
+        st.integers(3, n - 1),
+        st.integers(byte0, byte0 + 255),
+        utf8_lead,
+        utf8_cont,
+        st.sampled_from([0, 1, 2, space, n, n + 1, n + 7]),
+    )
     return st.lists(token, max_size=40)
 
 
@@ -54,8 +60,7 @@ def test_chunks_join_to_the_full_decode(kind, skip_special, data):
 
 
 @SETTINGS
-@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
-                    max_size=60))
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), max_size=60))
 def test_streamed_text_is_never_broken(text):
     for kind in KINDS:
         ours = loaded_tokenizer(kind)
@@ -155,7 +160,7 @@ def test_continuation_keeps_the_first_space(pair, window_tokenizer, window):
     if window:
         ours = window_tokenizer[0]
     prompt = ours.encode("The capital of France is", bos=False)
-    completion = ours.encode("The capital of France is Paris, 🦙 not Lyon", bos=False)[len(prompt):]
+    completion = ours.encode("The capital of France is Paris, 🦙 not Lyon", bos=False)[len(prompt) :]
     det = ours.detokenizer(continuation=True)
     assert isinstance(det, WindowDetokenizer) == window
     chunks = _stream(det, completion)

@@ -56,13 +56,28 @@ def _free_ports(n: int) -> int:
 def launch_cmd(n: int, *argv: str) -> list[str]:
     """`mlx.launch` running `argv` (a script and its arguments, or `--`, `-m`, a module, ...) as n
     ranks of the ring backend over 127.0.0.1."""
-    return [str(LAUNCHER), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), "--python", sys.executable,
-            *argv]
+    return [
+        str(LAUNCHER),
+        "-n",
+        str(n),
+        "--backend",
+        "ring",
+        "-p",
+        str(_free_ports(n)),
+        "--python",
+        sys.executable,
+        *argv,
+    ]
 
 
 def _launch(n: int, out: Path, models: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_cmd(n, str(WORKER), str(out), models, *extra), capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
+    return subprocess.run(
+        launch_cmd(n, str(WORKER), str(out), models, *extra),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+        cwd=WORKER.parent,
+    )
 
 
 def _rel_err(out, ref) -> float:
@@ -108,8 +123,10 @@ def test_two_ranks_match_one_process_hf_float32(tiny_hf_dir, tmp_path):
 @pytest.mark.parametrize("n", [2, 3])
 def test_quantized_4bit_uneven_and_even_splits_match_one_process(quantized_dir, tmp_path, n):
     log = _check_matches_one_process(quantized_dir, n, tmp_path)
-    expected = {2: "rank 1/2: KV heads 2:3 (query heads 4:6), F 64:96 of 96",
-                3: "rank 2/3: KV heads 2:3 (query heads 4:6), F 64:96 of 96"}[n]
+    expected = {
+        2: "rank 1/2: KV heads 2:3 (query heads 4:6), F 64:96 of 96",
+        3: "rank 2/3: KV heads 2:3 (query heads 4:6), F 64:96 of 96",
+    }[n]
     assert expected in log
 
 
@@ -123,18 +140,31 @@ def test_dense_mistral_two_ranks(tmp_path):
     _check_matches_one_process(model_dir, 2, tmp_path)
 
 
-def _start_by_hand(n: int, out: Path, models: str, *extra: str, env: dict | None = None,
-                   rank_env: dict[int, dict] | None = None) -> list[subprocess.Popen]:
+def _start_by_hand(
+    n: int, out: Path, models: str, *extra: str, env: dict | None = None, rank_env: dict[int, dict] | None = None
+) -> list[subprocess.Popen]:
     """Start ranks the way mlx.launch does (MLX_HOSTFILE + MLX_RANK) but without its supervision,
     so only our own failure handling can end them."""
     base = _free_ports(n)
     hostfile = out / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
-    return [subprocess.Popen([sys.executable, str(WORKER), str(out), models, *extra], cwd=WORKER.parent,
-                             env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r), **(env or {}),
-                                  **(rank_env or {}).get(r, {})},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for r in range(n)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), models, *extra],
+            cwd=WORKER.parent,
+            env={
+                **os.environ,
+                "MLX_HOSTFILE": str(hostfile),
+                "MLX_RANK": str(r),
+                **(env or {}),
+                **(rank_env or {}).get(r, {}),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(n)
+    ]
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str]]:
@@ -166,8 +196,9 @@ def test_rank_that_dies_under_mlx_launch(tiny_hf_dir, tmp_path):
 
 def test_hung_rank_ends_the_others_after_the_timeout(tiny_hf_dir, tmp_path):
     # Only rank 0 has the short limit: the hung rank's own watchdog must not end it first.
-    procs = _start_by_hand(2, tmp_path, str(tiny_hf_dir), "--hang", "1:2",
-                           rank_env={0: {"MLX_MIXTRAL_DIST_TIMEOUT": "3"}})
+    procs = _start_by_hand(
+        2, tmp_path, str(tiny_hf_dir), "--hang", "1:2", rank_env={0: {"MLX_MIXTRAL_DIST_TIMEOUT": "3"}}
+    )
     start = time.monotonic()
     rc0, err0 = _finish(procs[:1])[0]
     assert time.monotonic() - start < 45
@@ -217,8 +248,9 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     assert (tmp_path / "api.json").is_file(), run.stderr
     got = json.loads((tmp_path / "api.json").read_text())
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    sampled = stream_generate(model, tokenizer, "The capital of France", max_tokens=8, temperature=0.9, top_k=20,
-                              seed=11)
+    sampled = stream_generate(
+        model, tokenizer, "The capital of France", max_tokens=8, temperature=0.9, top_k=20, seed=11
+    )
     assert got["sampled"] == [r.token for r in sampled]
     assert len(got["unseeded"]) == 6
     assert got["chat"] == json.loads(json.dumps(run_chat(ChatSession(model, tokenizer, temperature=0.0))))

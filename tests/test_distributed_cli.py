@@ -22,13 +22,19 @@ def memorized(tmp_path_factory):
 
 
 def _single(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral", *args], capture_output=True, text=True,
-                          input=stdin, timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_mixtral", *args], capture_output=True, text=True, input=stdin, timeout=TIMEOUT
+    )
 
 
 def _launched(n: int, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_cmd(n, "--", "-m", "mlx_mixtral", *args, "--distributed"), capture_output=True,
-                          text=True, input=stdin, timeout=TIMEOUT)
+    return subprocess.run(
+        launch_cmd(n, "--", "-m", "mlx_mixtral", *args, "--distributed"),
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=TIMEOUT,
+    )
 
 
 def test_generate_distributed_prints_the_memorized_continuation(memorized):
@@ -54,8 +60,20 @@ def test_chat_distributed_matches_one_process(memorized):
 def test_sampling_without_a_seed_agrees_across_ranks(tmp_path):
     """Rank 0 picks the seed for everyone; ranks that drew their own keys would diverge and stop."""
     babbler = add_tokenizer(make_hf_checkpoint(tmp_path, vocab_size=32000, seed=5))
-    run = _launched(2, "generate", "--model", str(babbler), "--prompt", "Hello", "--max-tokens", "12",
-                    "--temp", "1.0", "--top-k", "50")
+    run = _launched(
+        2,
+        "generate",
+        "--model",
+        str(babbler),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+        "--temp",
+        "1.0",
+        "--top-k",
+        "50",
+    )
     assert "generation: 12 tokens" in run.stderr, run.stderr
     assert "diverged" not in run.stderr and "error" not in run.stderr
 

@@ -15,9 +15,17 @@ from mlx_mixtral.distributed.loader import read_slice, source_tensors
 from mlx_mixtral.distributed.sharding import ShardError, even_split, plan_shards
 from mlx_mixtral.weights import read_header
 
-MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                    num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                    vocab_size=32000)
+MIXTRAL_8X7B = dict(
+    model_type="mixtral",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=2,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    vocab_size=32000,
+)
 
 
 def _shapes(config: dict, group_size: int | None = 64, bits: int = 4) -> tuple[ModelArgs, dict]:
@@ -43,21 +51,28 @@ def test_even_split():
     assert even_split(4, 4) == (1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("size, kv, ffn", [
-    (2, (4, 4), (7168, 7168)),
-    (3, (3, 3, 2), (75 * 64, 75 * 64, 74 * 64)),  # uneven: whole groups of 64
-    (8, (1,) * 8, (28 * 64,) * 8),
-])
+@pytest.mark.parametrize(
+    "size, kv, ffn",
+    [
+        (2, (4, 4), (7168, 7168)),
+        (3, (3, 3, 2), (75 * 64, 75 * 64, 74 * 64)),  # uneven: whole groups of 64
+        (8, (1,) * 8, (28 * 64,) * 8),
+    ],
+)
 def test_mixtral_8x7b_4bit_plan(size, kv, ffn):
     args, shapes = _shapes(MIXTRAL_8X7B)
     plan = plan_shards(args, size, shapes)
     assert plan.kv_heads == kv and plan.ffn == ffn
     # Every rank's stored slices tile the full tensors exactly.
-    for name in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.o_proj.scales",
-                 "model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight",
-                 "model.layers.0.block_sparse_moe.switch_mlp.down_proj.biases",
-                 "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight",
-                 "model.layers.0.self_attn.q_proj.scales", "model.layers.0.self_attn.k_proj.weight"):
+    for name in (
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.o_proj.scales",
+        "model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight",
+        "model.layers.0.block_sparse_moe.switch_mlp.down_proj.biases",
+        "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight",
+        "model.layers.0.self_attn.q_proj.scales",
+        "model.layers.0.self_attn.k_proj.weight",
+    ):
         specs = [plan.slice_of(name, shapes[name], r) for r in range(size)]
         axis = specs[0][0]
         assert all(s[0] == axis for s in specs)
@@ -67,8 +82,12 @@ def test_mixtral_8x7b_4bit_plan(size, kv, ffn):
     q = plan.element_range("model.layers.1.self_attn.o_proj.weight", size - 1)
     assert q == (-1, (32 - kv[-1] * 4) * 128, 32 * 128)
     # The router, norms and embeddings stay whole.
-    for name in ("model.layers.0.block_sparse_moe.gate.weight", "model.embed_tokens.weight", "lm_head.scales",
-                 "model.layers.0.input_layernorm.weight"):
+    for name in (
+        "model.layers.0.block_sparse_moe.gate.weight",
+        "model.embed_tokens.weight",
+        "lm_head.scales",
+        "model.layers.0.input_layernorm.weight",
+    ):
         assert plan.slice_of(name, shapes[name], 1) is None
 
 
@@ -76,14 +95,15 @@ def test_fewer_kv_heads_than_ranks_replicates_attention():
     args, shapes = _shapes(MIXTRAL_8X7B)
     plan = plan_shards(args, 16, shapes)
     assert plan.kv_heads is None and "8 KV heads for 16 ranks" in plan.note
-    assert plan.slice_of("model.layers.0.self_attn.o_proj.weight", shapes["model.layers.0.self_attn.o_proj.weight"],
-                         3) is None
+    assert (
+        plan.slice_of("model.layers.0.self_attn.o_proj.weight", shapes["model.layers.0.self_attn.o_proj.weight"], 3)
+        is None
+    )
 
 
 def test_head_boundaries_off_quantization_groups_replicate_attention():
     # 4 KV heads of 16 dims, 1 query head each: rank cuts at 16-input steps, groups are 64 wide.
-    config = dict(MIXTRAL_8X7B, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=128)
+    config = dict(MIXTRAL_8X7B, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
     args, shapes = _shapes(config, group_size=64)
     plan = plan_shards(args, 2, shapes)
     assert plan.kv_heads is None
@@ -92,13 +112,19 @@ def test_head_boundaries_off_quantization_groups_replicate_attention():
 
 
 def test_too_few_groups_is_refused_with_one_line():
-    args, shapes = _shapes(dict(MIXTRAL_8X7B, hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
-                                intermediate_size=128))
-    with pytest.raises(ShardError, match=r"^intermediate_size=128 has only 2 quantization groups of 64; "
-                                         r"cannot give each of 3 ranks a part"):
+    args, shapes = _shapes(
+        dict(MIXTRAL_8X7B, hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128)
+    )
+    with pytest.raises(
+        ShardError,
+        match=r"^intermediate_size=128 has only 2 quantization groups of 64; "
+        r"cannot give each of 3 ranks a part",
+    ):
         plan_shards(args, 3, shapes)
-    args, shapes = _shapes(dict(MIXTRAL_8X7B, hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
-                                intermediate_size=128), group_size=None)
+    args, shapes = _shapes(
+        dict(MIXTRAL_8X7B, hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128),
+        group_size=None,
+    )
     assert plan_shards(args, 3, shapes).ffn == (43, 43, 42)  # float weights split at any column
 
 
@@ -131,7 +157,8 @@ def test_source_tensors_maps_hf_experts_in_order(tiny_hf_dir):
     args = ModelArgs.from_dict(json.loads((tiny_hf_dir / "config.json").read_text()))
     sources = source_tensors(read_headers(find_weight_files(tiny_hf_dir)), args, tiny_hf_dir)
     assert sources["model.layers.1.block_sparse_moe.switch_mlp.down_proj.weight"] == [
-        f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)]
+        f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)
+    ]
     assert sources["model.layers.0.self_attn.q_proj.weight"] == ["model.layers.0.self_attn.q_proj.weight"]
     assert sources["lm_head.weight"] == ["lm_head.weight"]
 
@@ -139,10 +166,22 @@ def test_source_tensors_maps_hf_experts_in_order(tiny_hf_dir):
 def test_native_layout_is_refused_clearly(tmp_path):
     from mlx_mixtral.distributed.loader import load_sharded
 
-    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
-                                                      "hidden_dim": 96, "vocab_size": 128, "norm_eps": 1e-5}))
-    mx.save_safetensors(str(tmp_path / "consolidated.safetensors"),
-                        {"layers.0.attention.wq.weight": mx.zeros((64, 64))})
+    (tmp_path / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 1,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "hidden_dim": 96,
+                "vocab_size": 128,
+                "norm_eps": 1e-5,
+            }
+        )
+    )
+    mx.save_safetensors(
+        str(tmp_path / "consolidated.safetensors"), {"layers.0.attention.wq.weight": mx.zeros((64, 64))}
+    )
     with pytest.raises(LoadError, match=r"Mistral-native tensor names .*convert it first with `mlx-mixtral convert`"):
         load_sharded(tmp_path, mx.distributed.init())  # a group of one: no launch needed
 

@@ -14,8 +14,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _run(script, *args, stdin=None):
-    r = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                       input=stdin, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     return r
 
@@ -50,13 +51,15 @@ def test_generate_from_python(memorized):
 
 def test_assistant_remembers_across_runs(memorized, tmp_path):
     session = tmp_path / "assistant.safetensors"
-    first = _run("assistant.py", "--model", str(memorized), "--session", str(session),
-                 stdin=TRANSCRIPT[0]["content"] + "\n")
+    first = _run(
+        "assistant.py", "--model", str(memorized), "--session", str(session), stdin=TRANSCRIPT[0]["content"] + "\n"
+    )
     assert first.stdout == TRANSCRIPT[1]["content"] + "\n"
     # A second run continues the saved conversation (asked alone, this model answers otherwise), and
     # only the new question is prefilled.
-    second = _run("assistant.py", "--model", str(memorized), "--session", str(session),
-                  stdin=TRANSCRIPT[2]["content"] + "\n")
+    second = _run(
+        "assistant.py", "--model", str(memorized), "--session", str(session), stdin=TRANSCRIPT[2]["content"] + "\n"
+    )
     assert second.stdout == TRANSCRIPT[3]["content"] + "\n"
     assert "(continuing 2 messages" in second.stderr
     new_tokens = int(re.search(r"prefilled (\d+) new tokens", second.stderr)[1])

@@ -27,9 +27,17 @@ def models(tiny_hf_dir):
 
 def _hf_generate(hf, prompt, n, **kwargs):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                          pad_token_id=0, return_dict_in_generate=True, output_scores=True, **kwargs)
-    return out.sequences[0, len(prompt):].tolist(), torch.stack(out.scores)[:, 0].double()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **kwargs,
+        )
+    return out.sequences[0, len(prompt) :].tolist(), torch.stack(out.scores)[:, 0].double()
 
 
 @pytest.mark.parametrize("chunk", [3, 512])
@@ -100,7 +108,7 @@ def test_stopping_early_leaves_a_cache_that_continues_correctly(models):
     if cache[0].offset == len(seen):  # the last token's logits are needed again: recompute it
         for layer in cache:
             layer.trim(1)
-    rest = [t for t, _ in generate_step(seen[cache[0].offset:], model, cache=cache, max_tokens=12)]
+    rest = [t for t, _ in generate_step(seen[cache[0].offset :], model, cache=cache, max_tokens=12)]
     assert first + rest == ref
 
 

@@ -30,8 +30,9 @@ def _mlx_lm_logits_float32(path):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     model, _ = mlx_lm_load_model(Path(path))
-    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters())
+    )
     return model(IDS)
 
 
@@ -40,13 +41,16 @@ def hf_with_tokenizer(tmp_path_factory):
     return add_tokenizer(make_hf_checkpoint(tmp_path_factory.mktemp("hf")))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(q_bits=4, q_group_size=64),
-    dict(q_bits=8, q_group_size=32),
-    dict(q_bits=4, q_group_size=32, quant_predicate="mixed_3_6"),  # per-module overrides
-    dict(q_mode="mxfp4"),
-    dict(q_bits=4, q_group_size=64, dtype="bfloat16"),  # what hub models look like
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(q_bits=4, q_group_size=64),
+        dict(q_bits=8, q_group_size=32),
+        dict(q_bits=4, q_group_size=32, quant_predicate="mixed_3_6"),  # per-module overrides
+        dict(q_mode="mxfp4"),
+        dict(q_bits=4, q_group_size=64, dtype="bfloat16"),  # what hub models look like
+    ],
+)
 def test_mlx_lm_converted_dirs_match_mlx_lm_logits(tmp_path, hf_with_tokenizer, kwargs):
     dst = _mlx_lm_convert(hf_with_tokenizer, tmp_path / "mlx", quantize=True, **{"dtype": "float32", **kwargs})
     ours = load_model(dst)
@@ -57,8 +61,14 @@ def test_mlx_lm_converted_dirs_match_mlx_lm_logits(tmp_path, hf_with_tokenizer, 
 
 
 def test_mixed_precision_bits_follow_config(tmp_path, hf_with_tokenizer):
-    dst = _mlx_lm_convert(hf_with_tokenizer, tmp_path / "mlx", quantize=True, q_group_size=32,
-                          quant_predicate="mixed_3_6", dtype="float32")
+    dst = _mlx_lm_convert(
+        hf_with_tokenizer,
+        tmp_path / "mlx",
+        quantize=True,
+        q_group_size=32,
+        quant_predicate="mixed_3_6",
+        dtype="float32",
+    )
     overrides = json.loads((dst / "config.json").read_text())["quantization"]
     model = load_model(dst)
     for path, module in model.named_modules():
@@ -75,6 +85,7 @@ def test_float32_on_cpu_for_bf16_scales(tmp_path, hf_with_tokenizer):
 
 
 # ---- bad inputs: one line naming the file and tensor -------------------------------------------
+
 
 def _copy(src, dst):
     shutil.copytree(src, dst)
@@ -122,8 +133,11 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path, hf_dir):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 80
     (d / "config.json").write_text(json.dumps(cfg))
-    _expect(d, r"model.safetensors: tensor 'model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight' "
-               r"has shape \[4, 64, 96\], config.json implies \[4, 64, 80\]")
+    _expect(
+        d,
+        r"model.safetensors: tensor 'model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight' "
+        r"has shape \[4, 64, 96\], config.json implies \[4, 64, 80\]",
+    )
 
 
 def test_truncated_file(tmp_path, hf_dir):
@@ -191,6 +205,7 @@ def test_wired_limit_sized_to_model_and_restored(monkeypatch, hf_dir):
 
 
 # ---- hub ids ------------------------------------------------------------------------------------
+
 
 def _populate_hub_cache(cache_dir: Path, repo: str, src: Path) -> None:
     """Lay out a hub cache entry exactly as huggingface-hub writes it (refs/main -> snapshot)."""

@@ -30,8 +30,7 @@ def emulated(tmp_path_factory):
     for binary, idx in zip(binaries, by_dtype.values()):
         for j, i in enumerate(idx):
             where[CONFIGS[i]] = (binary, 2 * j)
-    return {"cache": cache, "cases": dict(zip(CONFIGS, cases)), "kernels": dict(zip(CONFIGS, kernels)),
-            "where": where}
+    return {"cache": cache, "cases": dict(zip(CONFIGS, cases)), "kernels": dict(zip(CONFIGS, kernels)), "where": where}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
@@ -43,12 +42,16 @@ def test_generated_kernels_match_float64(emulated, config):
 
 def test_matrix_covers_every_dtype_group_bits_k_and_address_space():
     assert {(c.dtype, c.group_size, c.bits) for c in CONFIGS} == {
-        (d, g, b) for d in verify.DTYPES for g in (32, 64, 128) for b in (4, 8)}
+        (d, g, b) for d in verify.DTYPES for g in (32, 64, 128) for b in (4, 8)
+    }
     assert {c.top_k for c in CONFIGS} == {1, 2, 3}
     assert {(c.top_k, c.small_buffers) for c in CONFIGS} == {(k, s) for k in (1, 2, 3) for s in (True, False)}
     # Row tiles that end part-way (rows not a multiple of rows per threadgroup) in both kernels.
-    partial = [c for c in CONFIGS if c.geometry.ffn % (2 * c.rows_per_simdgroup)
-               and c.geometry.hidden % (2 * c.rows_per_simdgroup)]
+    partial = [
+        c
+        for c in CONFIGS
+        if c.geometry.ffn % (2 * c.rows_per_simdgroup) and c.geometry.hidden % (2 * c.rows_per_simdgroup)
+    ]
     assert {c.dtype for c in partial} == set(verify.DTYPES)
 
 
@@ -61,8 +64,10 @@ def test_generated_signatures_use_constant_buffers_for_small_inputs(emulated):
         assert next(p for p in down.params if p.name == "down_w").type == "const device uint32_t*"
 
 
-@pytest.mark.skipif(shutil.which("clang++") is None and shutil.which("clang") is None,
-                    reason="clang checks address spaces (the CI installs it)")
+@pytest.mark.skipif(
+    shutil.which("clang++") is None and shutil.which("clang") is None,
+    reason="clang checks address spaces (the CI installs it)",
+)
 def test_clang_accepts_address_spaces_of_every_kernel(emulated, tmp_path):
     runner.syntax_check([k for pair in emulated["kernels"].values() for k in pair], tmp_path)
 
@@ -80,8 +85,9 @@ def _replace(kind: str, old: str, new: str) -> str:
 
 BROKEN = {
     # Each lane reads the next group's scale and bias.
-    "wrong_scale_group": {GATE_UP: _replace(GATE_UP, "const int group = k / GS;",
-                                            "const int group = (k / GS + 1) % GROUPS;")},
+    "wrong_scale_group": {
+        GATE_UP: _replace(GATE_UP, "const int group = k / GS;", "const int group = (k / GS + 1) % GROUPS;")
+    },
     # The last output row of every expert is never written (caught by the NaN fill).
     "last_row_unwritten": {DOWN: _replace(DOWN, "row0 + uint(r) < uint(D)", "row0 + uint(r) < uint(D - 1)")},
     # The last of the k experts is dropped from the sum.
@@ -96,9 +102,17 @@ def broken(tmp_path_factory):
     cache = tmp_path_factory.mktemp("metal_broken")
     case = verify.make_case(SMALL, seed=7)
     variants = {name: verify.capture(SMALL, case, bodies) for name, bodies in BROKEN.items()}
-    hang = verify.capture(SMALL, case, {DOWN: _replace(
-        DOWN, "const float y = metal::simd_sum(acc[r]);",
-        "const float y = lane < 16 ? metal::simd_sum(acc[r]) : 0.0f;")})
+    hang = verify.capture(
+        SMALL,
+        case,
+        {
+            DOWN: _replace(
+                DOWN,
+                "const float y = metal::simd_sum(acc[r]);",
+                "const float y = lane < 16 ? metal::simd_sum(acc[r]) : 0.0f;",
+            )
+        },
+    )
     groups = [*variants.values(), verify.capture(SMALL, case), hang]
     binary = verify.build_all([[k for g in groups for k in g]], cache)[0]
     return {"case": case, "binary": binary, "variants": variants, "correct": groups[-2], "hang": hang}
@@ -123,12 +137,17 @@ def test_deadlocked_barrier_times_out(broken):
         verify.check(SMALL, broken["case"], broken["binary"], index, broken["hang"], timeout=5)
 
 
-@pytest.mark.skipif(shutil.which("clang++") is None and shutil.which("clang") is None,
-                    reason="clang checks address spaces (the CI installs it)")
+@pytest.mark.skipif(
+    shutil.which("clang++") is None and shutil.which("clang") is None,
+    reason="clang checks address spaces (the CI installs it)",
+)
 def test_clang_catches_a_constant_buffer_used_as_device(tmp_path):
     """g++ (address spaces erased) accepts this; Metal and the clang check do not."""
-    body = _replace(DOWN, "const float routed = static_cast<float>(weights[pair]);",
-                    "const device float* mixes = weights;\n  const float routed = mixes[pair];")
+    body = _replace(
+        DOWN,
+        "const float routed = static_cast<float>(weights[pair]);",
+        "const device float* mixes = weights;\n  const float routed = mixes[pair];",
+    )
     kernels = verify.capture(SMALL, verify.make_case(SMALL), {DOWN: body})
     with pytest.raises(runner.EmulatorError, match="address-space"):
         runner.syntax_check(kernels, tmp_path)
@@ -157,20 +176,34 @@ SHIM_PROBE = """
 def test_shim_runs_partial_threadgroups_and_simdgroups(tmp_path):
     """100 threads in groups of 64: the second group has 36 threads, its second simdgroup 4 lanes."""
     n, group = 100, 64
-    kernel = mx.fast.metal_kernel(name="shim_probe", input_names=["inp"],
-                                  output_names=["group_sum", "simd_total", "next"], source=SHIM_PROBE)
+    kernel = mx.fast.metal_kernel(
+        name="shim_probe", input_names=["inp"], output_names=["group_sum", "simd_total", "next"], source=SHIM_PROBE
+    )
     x = mx.arange(n, dtype=mx.float32) * 0.5 + 1.0
 
     def probe(x):
-        return kernel(inputs=[x], grid=(n, 1, 1), threadgroup=(group, 1, 1), output_shapes=[(2,), (n,), (n,)],
-                      output_dtypes=[mx.float32] * 3, verbose=True)
+        return kernel(
+            inputs=[x],
+            grid=(n, 1, 1),
+            threadgroup=(group, 1, 1),
+            output_shapes=[(2,), (n,), (n,)],
+            output_dtypes=[mx.float32] * 3,
+            verbose=True,
+        )
 
     (probe_kernel,) = runner.capture(probe, x)
     if shutil.which("clang++") or shutil.which("clang"):
         runner.syntax_check([probe_kernel], tmp_path)  # threadgroup memory in its own address space
     binary = runner.build([probe_kernel], tmp_path)
-    out = runner.run(binary, 0, probe_kernel, (n, 1, 1), (group, 1, 1), {"inp": x},
-                       {"group_sum": (2,), "simd_total": (n,), "next": (n,)})
+    out = runner.run(
+        binary,
+        0,
+        probe_kernel,
+        (n, 1, 1),
+        (group, 1, 1),
+        {"inp": x},
+        {"group_sum": (2,), "simd_total": (n,), "next": (n,)},
+    )
     v = np.array(x, dtype=np.float64)
     np.testing.assert_array_equal(out["group_sum"], [v[:64].sum(), v[64:].sum()])
     simd_of = [(j // 64) * 2 + (j % 64) // 32 for j in range(n)]

@@ -7,12 +7,26 @@ import numpy as np
 import pytest
 
 from mlx_mixtral.experts import SwitchGLU, SwitchLinear, route
-from mlx_mixtral.metal import (ExpertGeometry, down_reference, fused_switch_glu, fused_switch_glu_reference,
-                               gate_up_reference, plan)
+from mlx_mixtral.metal import (
+    ExpertGeometry,
+    down_reference,
+    fused_switch_glu,
+    fused_switch_glu_reference,
+    gate_up_reference,
+    plan,
+)
 from mlx_mixtral.metal import kernels as K
 from mlx_mixtral.metal.dispatches import moe_layer_counts
-from mlx_mixtral.metal.emulator.numeric import (KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, dtype_name,
-                                       gate_up64, to_f64, unpack_affine)
+from mlx_mixtral.metal.emulator.numeric import (
+    KERNEL_TOLERANCE,
+    PIPELINE_TOLERANCE,
+    compare,
+    down64,
+    dtype_name,
+    gate_up64,
+    to_f64,
+    unpack_affine,
+)
 
 on_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="needs a Metal GPU")
 
@@ -53,18 +67,25 @@ def test_twins_match_float64(dtype, bits, group_size, down):
     ids = mx.array(np.array([[[1, 1], [0, 3], [2, 1]], [[3, 3], [0, 2], [1, 0]]], np.uint32))  # (B, L, K)
     weights = mx.softmax(mx.random.normal((2, 3, 2)), axis=-1)  # (B, L, K)
     geometry = plan(x, ids, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    gate, up, down = (unpack_affine(*_parts(m), m.group_size, m.bits) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    gate, up, down = (
+        unpack_affine(*_parts(m), m.group_size, m.bits) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    )
     flat_ids, x2 = ids.reshape(-1), x.reshape(-1, 256)
     h = gate_up_reference(x2, flat_ids, _parts(mlp.gate_proj), _parts(mlp.up_proj), geometry)  # (P, F)
     h_exact = gate_up64(to_f64(x2), np.array(flat_ids), gate, up, 2)
     compare(to_f64(h), h_exact, KERNEL_TOLERANCE[dtype_name(dtype)], "gate_up twin")
     y = down_reference(h, flat_ids, weights.reshape(-1), _parts(mlp.down_proj), geometry)  # (T, D)
     w64 = to_f64(weights.reshape(-1))
-    compare(to_f64(y), down64(to_f64(h), np.array(flat_ids), w64, down, 2), KERNEL_TOLERANCE[dtype_name(dtype)],
-            "down twin")
+    compare(
+        to_f64(y), down64(to_f64(h), np.array(flat_ids), w64, down, 2), KERNEL_TOLERANCE[dtype_name(dtype)], "down twin"
+    )
     full = fused_switch_glu_reference(x, ids, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)  # (B, L, D)
-    compare(to_f64(full).reshape(-1, 256), down64(h_exact, np.array(flat_ids), w64, down, 2),
-            PIPELINE_TOLERANCE[dtype_name(dtype)], "fused twin")
+    compare(
+        to_f64(full).reshape(-1, 256),
+        down64(h_exact, np.array(flat_ids), w64, down, 2),
+        PIPELINE_TOLERANCE[dtype_name(dtype)],
+        "fused twin",
+    )
 
 
 # Fused vs built-in: the built-in path rounds gate, up, silu(gate)*up and each expert's output to
@@ -102,16 +123,20 @@ IDS = mx.zeros((1, 1, 2), dtype=mx.uint32)
 W = mx.full((1, 1, 2), 0.5)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: _layers(),                                    # unquantized
-    lambda: _quantized(32, 4, "mxfp4"),                   # not affine
-    lambda: _quantized(64, 2),                            # bits the kernels do not build
-    lambda: _quantized(64, 3),
-    lambda: _quantized(64, 6),
-    lambda: [_quantized(64, 4)[0], *_quantized(64, 8)[1:]],    # gate and up differ (one kernel reads both)
-    lambda: [_quantized(64, 4)[0], *_quantized(32, 4)[1:]],
-    lambda: [*_quantized(64, 4)[:2], _quantized(64, 3)[2]],    # down in bits the kernels do not build
-], ids=["unquantized", "mxfp4", "2bit", "3bit", "6bit", "gate-up-bits", "gate-up-groups", "down-3bit"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _layers(),  # unquantized
+        lambda: _quantized(32, 4, "mxfp4"),  # not affine
+        lambda: _quantized(64, 2),  # bits the kernels do not build
+        lambda: _quantized(64, 3),
+        lambda: _quantized(64, 6),
+        lambda: [_quantized(64, 4)[0], *_quantized(64, 8)[1:]],  # gate and up differ (one kernel reads both)
+        lambda: [_quantized(64, 4)[0], *_quantized(32, 4)[1:]],
+        lambda: [*_quantized(64, 4)[:2], _quantized(64, 3)[2]],  # down in bits the kernels do not build
+    ],
+    ids=["unquantized", "mxfp4", "2bit", "3bit", "6bit", "gate-up-bits", "gate-up-groups", "down-3bit"],
+)
 def test_unhandled_layers_fall_back(make):
     gate, up, down = make()
     assert plan(X, IDS, gate, up, down) is None
@@ -121,17 +146,18 @@ def test_unhandled_layers_fall_back(make):
 
 def test_unhandled_inputs_fall_back():
     gate, up, down = _quantized()
-    assert plan(X.astype(mx.int32), IDS, gate, up, down) is None            # integer activations
+    assert plan(X.astype(mx.int32), IDS, gate, up, down) is None  # integer activations
     assert plan(mx.zeros((1, 1, 256), mx.float16), IDS, gate, up, down) is None  # wrong hidden size
-    assert plan(X, IDS.astype(mx.float32), gate, up, down) is None          # float ids
+    assert plan(X, IDS.astype(mx.float32), gate, up, down) is None  # float ids
     assert plan(X, mx.zeros((1, 2, 2), mx.uint32), gate, up, down) is None  # ids for other tokens
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (8, 128)])
 def test_handled_layers_plan_their_geometry(bits, group_size):
     gate, up, down = _quantized(group_size, bits)
-    assert plan(X, IDS, gate, up, down) == ExpertGeometry(mx.float16, group_size, bits, 128, 128, 4, 2,
-                                                          down_group_size=group_size, down_bits=bits)
+    assert plan(X, IDS, gate, up, down) == ExpertGeometry(
+        mx.float16, group_size, bits, 128, 128, 4, 2, down_group_size=group_size, down_bits=bits
+    )
     # down quantized unlike gate/up (mixed-precision recipes) is handled by its own kernel
     down = _quantized(32 if group_size != 32 else 128, 12 - bits)[2]
     geometry = plan(X, IDS, gate, up, down)
@@ -165,6 +191,7 @@ def test_bench_refuses_without_metal():
 
 
 # ---------------------------------------------------------------- on a Mac: the kernels themselves
+
 
 @on_metal
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32], ids=dtype_name)

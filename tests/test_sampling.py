@@ -6,11 +6,24 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from mlx_mixtral.sampling import (apply_min_p, apply_top_k, apply_top_p, make_logit_bias, make_repetition_penalty,
-                                  make_sampler, top_logprobs, warp)
+from mlx_mixtral.sampling import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logit_bias,
+    make_repetition_penalty,
+    make_sampler,
+    top_logprobs,
+    warp,
+)
 
 V = 50
 
@@ -67,16 +80,28 @@ def test_min_p_drops_tokens_below_fraction_of_best(m):
     np.testing.assert_array_equal(_kept(out), _np_min_p(x, m))
 
 
-@pytest.mark.parametrize("temp,top_k,top_p,min_p", [
-    (0.7, 10, 0.8, 0.0), (1.3, 0, 0.6, 0.05), (0.5, 20, 1.0, 0.2), (1.0, 4, 0.99, 0.0), (2.0, 30, 0.9, 0.1),
-    (1.0, 0, 0.5, 0.3), (0.8, 25, 0.7, 0.15),
-])
+@pytest.mark.parametrize(
+    "temp,top_k,top_p,min_p",
+    [
+        (0.7, 10, 0.8, 0.0),
+        (1.3, 0, 0.6, 0.05),
+        (0.5, 20, 1.0, 0.2),
+        (1.0, 4, 0.99, 0.0),
+        (2.0, 30, 0.9, 0.1),
+        (1.0, 0, 0.5, 0.3),
+        (0.8, 25, 0.7, 0.15),
+    ],
+)
 def test_filter_chain_matches_transformers_warpers(temp, top_k, top_p, min_p):
     """Same tokens survive, in transformers' order: temperature, top-k, top-p, min-p."""
     x = _logits(11, rows=4)
     ref = torch.tensor(x, dtype=torch.float64)
-    for warper in [TemperatureLogitsWarper(temp)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
-            [TopPLogitsWarper(top_p)] * (top_p < 1) + ([MinPLogitsWarper(min_p)] if min_p else []):
+    for warper in (
+        [TemperatureLogitsWarper(temp)]
+        + ([TopKLogitsWarper(top_k)] if top_k else [])
+        + [TopPLogitsWarper(top_p)] * (top_p < 1)
+        + ([MinPLogitsWarper(min_p)] if min_p else [])
+    ):
         ref = warper(None, ref)
     ours = warp(mx.array(x, mx.float32), temp, top_k, top_p, min_p)
     np.testing.assert_array_equal(_kept(np.array(ours)), np.isfinite(ref.numpy()))
@@ -164,10 +189,16 @@ def test_top_logprobs_are_the_n_best_in_order():
     np.testing.assert_allclose([v for _, v in got], lp[order], rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    (dict(temp=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-2), "top_k"), (dict(min_p=1.0), "min_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        (dict(temp=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=1.0), "min_p"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(kwargs, word):
     with pytest.raises(ValueError, match=word):
         make_sampler(**{"temp": 1.0, **kwargs})

@@ -74,8 +74,9 @@ def test_chat_non_streaming_equals_transformers(client, server, ref):
 def test_chat_streaming_equals_non_streaming(client, server, ref):
     messages = [{"role": "user", "content": "Stream me a story"}]
     whole = _chat(client, server, messages, max_tokens=24)
-    chunks, text = _stream_text(_chat(client, server, messages, max_tokens=24, stream=True,
-                                      stream_options={"include_usage": True}))
+    chunks, text = _stream_text(
+        _chat(client, server, messages, max_tokens=24, stream=True, stream_options={"include_usage": True})
+    )
     assert text == whole.choices[0].message.content == ref.greedy(ref.chat_ids(messages), 24)[1]
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -90,8 +91,8 @@ def test_stop_strings(client, server):
     messages = [{"role": "user", "content": "Count with me"}]
     full = _chat(client, server, messages, max_tokens=24).choices[0].message.content
     # A stop string from the middle of the answer that does not occur earlier in it.
-    start = next(i for i in range(6, len(full) - 3) if full.find(full[i:i + 3]) == i)
-    stop = full[start:start + 3]
+    start = next(i for i in range(6, len(full) - 3) if full.find(full[i : i + 3]) == i)
+    stop = full[start : start + 3]
     cut = _chat(client, server, messages, max_tokens=24, stop=["never-there", stop])
     assert cut.choices[0].message.content == full[:start]
     assert cut.choices[0].finish_reason == "stop"
@@ -127,9 +128,9 @@ def test_logprobs_equal_transformers(client, server, ref):
     ids = ref.chat_ids(messages)
     tokens, _ = ref.greedy(ids, 8)
     content = r.choices[0].logprobs.content
-    assert [ref.sp.id_to_piece(t).replace("\u2581", " ") for t in tokens] == [c.token for c in content][:len(tokens)]
+    assert [ref.sp.id_to_piece(t).replace("\u2581", " ") for t in tokens] == [c.token for c in content][: len(tokens)]
     expected = ref.logprobs(ids, tokens)
-    assert [c.logprob for c in content][:len(tokens)] == pytest.approx(expected, abs=2e-3)
+    assert [c.logprob for c in content][: len(tokens)] == pytest.approx(expected, abs=2e-3)
     for c in content:
         assert len(c.top_logprobs) == 3
         assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)  # greedy: the chosen one is best
@@ -146,8 +147,9 @@ def test_completions_endpoint_equals_transformers(client, server, ref):
     r = client.completions.create(model=server_model(server), prompt=prompt, max_tokens=10, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text == text
     assert r.usage.prompt_tokens == len(ref.text_ids(prompt))
-    streamed = client.completions.create(model=server_model(server), prompt=ref.text_ids(prompt), max_tokens=10,
-                                         temperature=0, stream=True)
+    streamed = client.completions.create(
+        model=server_model(server), prompt=ref.text_ids(prompt), max_tokens=10, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text
 
 
@@ -164,8 +166,9 @@ def test_completion_logprobs_equal_transformers(client, server, ref):
     assert lp.text_offset[:n] == [len(ref.continuation_text(ids, tokens[:i])) for i in range(n)]
     for top, logprob in zip(lp.top_logprobs, lp.token_logprobs):
         assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the best one
-    streamed = client.completions.create(model=server_model(server), prompt=ids, max_tokens=8, temperature=0,
-                                         logprobs=2, stream=True)
+    streamed = client.completions.create(
+        model=server_model(server), prompt=ids, max_tokens=8, temperature=0, logprobs=2, stream=True
+    )
     parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
     assert [(t, o) for p in parts for t, o in zip(p.tokens, p.text_offset)] == list(zip(lp.tokens, lp.text_offset))
     assert [x for p in parts for x in p.token_logprobs] == lp.token_logprobs
@@ -175,8 +178,13 @@ def test_seeded_sampling_is_repeatable(client, server):
     messages = [{"role": "user", "content": "Surprise me"}]
 
     def run(seed):
-        return client.chat.completions.create(model=server_model(server), messages=messages, max_tokens=12,
-                                              temperature=1.0, seed=seed).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=server_model(server), messages=messages, max_tokens=12, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -211,8 +219,10 @@ def test_dropped_stream_frees_the_worker(server, endpoint, capsys):
     left = leave_mid_stream(server.url, path, body)
     after = wait_idle(server.url, before["cancelled"] + 1)
     with capsys.disabled():
-        print(f"\n[{endpoint}] worker free {time.monotonic() - left:.3f} s after the client left "
-              f"({after['generated_tokens'] - before['generated_tokens']} tokens generated)")
+        print(
+            f"\n[{endpoint}] worker free {time.monotonic() - left:.3f} s after the client left "
+            f"({after['generated_tokens'] - before['generated_tokens']} tokens generated)"
+        )
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["completed"] == before["completed"]
     assert after["generated_tokens"] - before["generated_tokens"] < 1000

@@ -19,9 +19,18 @@ from server_harness import shared
 
 BROWSER = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium (CI installs it: apt-get install chromium)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-pipe",
+]
 
 
 class DevTools:
@@ -37,9 +46,19 @@ class DevTools:
         for fd in (to_browser, from_browser):
             os.close(fd)
         self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$0" "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-', BROWSER, *FLAGS,
-             f"--user-data-dir={self.profile}", "about:blank"],
-            pass_fds=(r, w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "bash",
+                "-c",
+                f'exec "$0" "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-',
+                BROWSER,
+                *FLAGS,
+                f"--user-data-dir={self.profile}",
+                "about:blank",
+            ],
+            pass_fds=(r, w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(r)
         os.close(w)
         self._buffer = b""
@@ -101,8 +120,7 @@ class Page:
         return self.tools.send(method, params, self.session)
 
     def eval(self, expression: str):
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -120,13 +138,23 @@ class Page:
         self.eval("document.getElementById('input').focus()")
         self.send("Input.insertText", {"text": text})
         for kind in ("keyDown", "keyUp"):
-            self.send("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
-                                                 "windowsVirtualKeyCode": 13, "text": "\r" if kind == "keyDown" else ""})
+            self.send(
+                "Input.dispatchKeyEvent",
+                {
+                    "type": kind,
+                    "key": "Enter",
+                    "code": "Enter",
+                    "windowsVirtualKeyCode": 13,
+                    "text": "\r" if kind == "keyDown" else "",
+                },
+            )
 
     def answer(self) -> str:
         """Wait for the newest assistant answer to finish streaming; return its text."""
-        self.wait_for("document.body.dataset.state === 'idle' && "
-                      "document.querySelectorAll('.message.assistant.streaming').length === 0")
+        self.wait_for(
+            "document.body.dataset.state === 'idle' && "
+            "document.querySelectorAll('.message.assistant.streaming').length === 0"
+        )
         return self.eval("[...document.querySelectorAll('.message.assistant')].pop().textContent")
 
     def usage(self) -> tuple[int, int]:
@@ -153,8 +181,10 @@ def page():
         page = Page(tools, server.url + "/")
         page.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent")
         # Greedy answers, so they can be compared with transformers'.
-        page.eval("document.getElementById('temperature').value = '0'; "
-                  "document.getElementById('max-tokens').value = '16'; true")
+        page.eval(
+            "document.getElementById('temperature').value = '0'; "
+            "document.getElementById('max-tokens').value = '16'; true"
+        )
         page.url = server.url
         yield page
     finally:
@@ -179,8 +209,7 @@ def test_chat_page_streams_an_answer(page):
 
 def test_chat_page_continues_the_conversation_and_starts_new_ones(page):
     ref = shared("reference")
-    first = [{"role": "user", "content": "Hello from the browser"},
-             {"role": "assistant", "content": page.answer()}]
+    first = [{"role": "user", "content": "Hello from the browser"}, {"role": "assistant", "content": page.answer()}]
     page.type_and_send("And then?")
     second = first + [{"role": "user", "content": "And then?"}]
     assert page.answer() == ref.greedy(ref.chat_ids(second), 16)[1]
@@ -203,13 +232,12 @@ def test_chat_page_loads_nothing_from_elsewhere(page):
 
 
 def test_new_chat_during_an_answer_leaves_it_behind(page):
-    """"New chat" while an answer streams: the next conversation starts empty, not with that answer."""
+    """ "New chat" while an answer streams: the next conversation starts empty, not with that answer."""
     ref = shared("reference")
     page.eval("document.getElementById('max-tokens').value = '2000'; true")  # no EOS comes that soon here
     page.type_and_send("Tell me a long story")
     page.wait_for("(document.querySelector('.message.assistant.streaming') || {}).textContent")
-    page.eval("document.getElementById('new-chat').click(); "
-              "document.getElementById('max-tokens').value = '16'; true")
+    page.eval("document.getElementById('new-chat').click(); document.getElementById('max-tokens').value = '16'; true")
     page.wait_for("document.body.dataset.state === 'idle'")
     page.type_and_send("A fresh start")
     fresh = [{"role": "user", "content": "A fresh start"}]

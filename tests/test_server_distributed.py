@@ -21,8 +21,20 @@ pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="mlx.launch is not
 
 @pytest.fixture(scope="module")
 def launched():
-    cmd = launch_cmd(2, "--", "-m", "mlx_mixtral", "serve", "--distributed", "--model", str(shared("model_dir")),
-                     "--port", "0", "--log-level", "warning")
+    cmd = launch_cmd(
+        2,
+        "--",
+        "-m",
+        "mlx_mixtral",
+        "serve",
+        "--distributed",
+        "--model",
+        str(shared("model_dir")),
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+    )
     # A session of its own, so the test can Ctrl-C the whole group as a terminal would.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log: list[str] = []
@@ -46,8 +58,11 @@ def launched():
 
 
 def _chat(url, messages, max_tokens=12, **extra):
-    r = httpx.post(url + "/v1/chat/completions", timeout=120,
-                   json={"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        timeout=120,
+        json={"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -58,8 +73,10 @@ def test_two_ranks_answer_like_transformers(launched):
     turn1 = [{"role": "user", "content": "Hello, who are you?"}]
     first = _chat(url, turn1)
     assert first["choices"][0]["message"]["content"] == ref.greedy(ref.chat_ids(turn1), 12)[1]
-    turn2 = turn1 + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
-                     {"role": "user", "content": "Tell me more about it."}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "Tell me more about it."},
+    ]
     second = _chat(url, turn2)
     assert second["choices"][0]["message"]["content"] == ref.greedy(ref.chat_ids(turn2), 12)[1]
     assert second["usage"]["prompt_tokens"] == len(ref.chat_ids(turn2))
@@ -69,8 +86,13 @@ def test_two_ranks_answer_like_transformers(launched):
 def test_dropped_stream_stops_every_rank(launched):
     _, url, _ = launched
     before = httpx.get(url + "/health").json()
-    body = {"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0, "stream": True,
-            "logit_bias": {str(EOS): -100}}
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": {str(EOS): -100},
+    }
     leave_mid_stream(url, "/v1/completions", body)
     h = wait_idle(url, before["cancelled"] + 1)
     assert h["generated_tokens"] - before["generated_tokens"] < 1000

@@ -48,75 +48,84 @@ def _post(server, path, body=None, *, content=None, headers=None):
     return httpx.post(server.url + path, json=body, content=content, headers=headers, timeout=30)
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2", "{\"messages\": [}".encode()])
+@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2", '{"messages": [}'.encode()])
 def test_malformed_json(server, content):
     message = _error(_post(server, CHAT, content=content, headers={"Content-Type": "application/json"}), 400)["message"]
     assert "JSON" in message or "body" in message
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
-    ({"messages": HELLO, "max_tokens": "10"}, "max_tokens"),
-    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
-    ({"messages": HELLO, "top_p": 0}, "top_p"),
-    ({"messages": HELLO, "temperature": 3}, "temperature"),
-    ({"messages": HELLO, "stream": "yes"}, "stream"),
-    ({"messages": HELLO, "seed": 1.5}, "seed"),
-    ({"messages": HELLO, "n": 2}, "n"),
-    ({"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
-    ({"messages": HELLO, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ({"messages": "Hello"}, "messages"),
-    ({"messages": []}, "messages"),
-    ({}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": 5}]}, None),
-    ({"messages": [{"role": "user"}]}, "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"messages": HELLO, "max_tokens": "10"}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "top_p": 0}, "top_p"),
+        ({"messages": HELLO, "temperature": 3}, "temperature"),
+        ({"messages": HELLO, "stream": "yes"}, "stream"),
+        ({"messages": HELLO, "seed": 1.5}, "seed"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": HELLO, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"messages": "Hello"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, None),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ],
+)
 def test_wrong_types_and_values(server, body, param):
     error = _error(_post(server, CHAT, body), 400)
     if param is not None:
         assert error["param"] == param
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": HELLO, "logit_bias": {"abc": 1}}, "logit_bias"),
-    ({"messages": HELLO, "logit_bias": {"32000": 1}}, "logit_bias"),
-    ({"messages": HELLO, "logit_bias": {"5": 101}}, "logit_bias"),
-    # The Mistral format wants user/assistant turns alternating, ending with the user.
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": HELLO, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"messages": HELLO, "logit_bias": {"32000": 1}}, "logit_bias"),
+        ({"messages": HELLO, "logit_bias": {"5": 101}}, "logit_bias"),
+        # The Mistral format wants user/assistant turns alternating, ending with the user.
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+    ],
+)
 def test_requests_the_model_cannot_serve(server, body, param):
     _error(_post(server, CHAT, body), 400, param=param)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [5, 32000]}, "prompt"),
-    ({"prompt": [-1]}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": "hi", "echo": True}, "echo"),
-    ({"prompt": "hi", "suffix": "x"}, "suffix"),
-    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
-    ({"prompt": None}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [5, 32000]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "suffix": "x"}, "suffix"),
+        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"prompt": None}, "prompt"),
+    ],
+)
 def test_bad_completion_requests(server, body, param):
     _error(_post(server, "/v1/completions", body), 400, param=param)
 
 
 def test_unknown_model(server):
     for path, body in [(CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "hi"})]:
-        error = _error(_post(server, path, {**body, "model": "../../etc/passwd"}), 404, param="model",
-                       code="model_not_found")
+        error = _error(
+            _post(server, path, {**body, "model": "../../etc/passwd"}), 404, param="model", code="model_not_found"
+        )
         assert "../../etc/passwd" in error["message"]
     _error(httpx.get(server.url + "/v1/models/other-model"), 404, code="model_not_found")
 
 
 def test_prompt_longer_than_the_context(server):
     long = "hello " * CONTEXT
-    _error(_post(server, CHAT, {"messages": [{"role": "user", "content": long}]}), 400,
-           code="context_length_exceeded")
+    _error(_post(server, CHAT, {"messages": [{"role": "user", "content": long}]}), 400, code="context_length_exceeded")
     _error(_post(server, "/v1/completions", {"prompt": long}), 400, code="context_length_exceeded")
 
 
@@ -144,15 +153,18 @@ def test_api_key(strict):
 
 def test_caps(strict):
     _error(_post(strict, CHAT, {"messages": HELLO, "max_tokens": 17}, headers=AUTH), 400, param="max_tokens")
-    _error(_post(strict, CHAT, {"messages": HELLO, "max_completion_tokens": 17}, headers=AUTH), 400,
-           param="max_tokens")
+    _error(_post(strict, CHAT, {"messages": HELLO, "max_completion_tokens": 17}, headers=AUTH), 400, param="max_tokens")
     five = [{"role": r, "content": "x"} for r in ("user", "assistant", "user", "assistant", "user")]
     _error(_post(strict, CHAT, {"messages": five}, headers=AUTH), 400, param="messages")
     big = {"messages": [{"role": "user", "content": "x" * 5000}]}
     _error(_post(strict, CHAT, big, headers=AUTH), 413, code="request_too_large")
     # Without a Content-Length (chunked upload) the cap holds too.
-    chunked = httpx.post(strict.url + CHAT, content=iter([json.dumps(big).encode()]),
-                         headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    chunked = httpx.post(
+        strict.url + CHAT,
+        content=iter([json.dumps(big).encode()]),
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
     _error(chunked, 413, code="request_too_large")
     # No max_tokens: the server's cap is the default.
     r = _post(strict, CHAT, {"messages": HELLO, "temperature": 0, "logit_bias": {"2": -100}}, headers=AUTH)
@@ -160,8 +172,11 @@ def test_caps(strict):
 
 
 def test_cors_only_when_asked(server, strict):
-    preflight = {"Origin": "http://allowed.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": "http://allowed.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     ok = httpx.options(strict.url + CHAT, headers=preflight)
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://allowed.example"
     other = httpx.options(strict.url + CHAT, headers={**preflight, "Origin": "http://other.example"})
@@ -180,8 +195,9 @@ def test_openapi_document(server):
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral", "serve", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_mixtral", "serve", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_serve_refuses_bad_startup_options(server, tmp_path):

@@ -26,8 +26,12 @@ def operations():
     config = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": rejections}}})
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json", config=config)
     ops = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in ops} >= {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
-                                        "GET /health"}
+    assert {op.label for op in ops} >= {
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+        "GET /v1/models",
+        "GET /health",
+    }
     return ops
 
 
@@ -36,9 +40,11 @@ def test_generated_requests_get_documented_answers(operations, mode):
     for operation in operations:
         if mode == GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # the GETs take no body and at most a free-form string: nothing to break
+
         @given(case=operation.as_strategy(mode))
-        @settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case):
             case.call_and_validate(headers=AUTH, timeout=60, excluded_checks=[positive_data_acceptance])
 

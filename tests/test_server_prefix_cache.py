@@ -56,8 +56,7 @@ def test_reused_prefixes_give_transformers_logits(models):
     for ids in (a2, a2[:6]):
         cache_same, kept_same = pc.take(ids)
         assert kept_same == len(ids) - 1
-        np.testing.assert_allclose(_last_logits(model, cache_same, ids, kept_same), _hf_last_logits(hf, ids),
-                                   atol=1e-4)
+        np.testing.assert_allclose(_last_logits(model, cache_same, ids, kept_same), _hf_last_logits(hf, ids), atol=1e-4)
 
 
 def test_lru_eviction_and_superseded_entries(models):

@@ -10,20 +10,53 @@ from hypothesis import strategies as st
 
 from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
 from tiny_models import mistral_tokenizer_path
-from tokenizer_fixtures import (BASE_VOCAB, BYTE0, CORPUS, hf_tokenizer, loaded_tokenizer, tokenizer_config,
-                               tokenizer_dir, write_sp_dir)
+from tokenizer_fixtures import (
+    BASE_VOCAB,
+    BYTE0,
+    CORPUS,
+    hf_tokenizer,
+    loaded_tokenizer,
+    tokenizer_config,
+    tokenizer_dir,
+    write_sp_dir,
+)
 
-KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy", "v1-nonlegacy-json", "v1-both", "v1-nonlegacy-both",
-         "v3-hubjson"]
+KINDS = [
+    "v1",
+    "v1-json",
+    "v3",
+    "v3-json",
+    "v1-nonlegacy",
+    "v1-nonlegacy-json",
+    "v1-both",
+    "v1-nonlegacy-both",
+    "v3-hubjson",
+]
 
 
 def _random_texts(seed: int, count: int) -> list[str]:
     """Random mixtures of corpus fragments, special-token strings and odd characters."""
     rng = random.Random(seed)
-    atoms = [*CORPUS, " ", "  ", "\n", "</s>", "<s>", "<|im_start|>", "<|im_end|>", "[INST]", "▁", "\u00a0",
-             chr(rng.randrange(0x4E00, 0x9FFF)), chr(rng.randrange(0x1F300, 0x1FAFF)), "ab", "Z"]
-    return ["".join(rng.choice(atoms)[: rng.randrange(1, 12)] for _ in range(rng.randrange(1, 8)))
-            for _ in range(count)]
+    atoms = [
+        *CORPUS,
+        " ",
+        "  ",
+        "\n",
+        "</s>",
+        "<s>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "[INST]",
+        "▁",
+        "\u00a0",
+        chr(rng.randrange(0x4E00, 0x9FFF)),
+        chr(rng.randrange(0x1F300, 0x1FAFF)),
+        "ab",
+        "Z",
+    ]
+    return [
+        "".join(rng.choice(atoms)[: rng.randrange(1, 12)] for _ in range(rng.randrange(1, 8))) for _ in range(count)
+    ]
 
 
 TEXTS = CORPUS + _random_texts(0, 150)
@@ -57,8 +90,9 @@ def test_decode_matches_transformers(pair):
     byte0 = BYTE0[kind[:2]]
     interesting = [0, 1, 2, 3, 4, n, n + 1, n + 5, 28705, 29473, *range(byte0, byte0 + 256)]
     for _ in range(300):
-        sequences.append([rng.choice(interesting) if rng.random() < 0.6 else rng.randrange(n)
-                          for _ in range(rng.randrange(1, 14))])
+        sequences.append(
+            [rng.choice(interesting) if rng.random() < 0.6 else rng.randrange(n) for _ in range(rng.randrange(1, 14))]
+        )
     for ids in sequences:
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), (kind, ids)
         assert ours.decode(ids, skip_special=False) == hf.decode(ids, skip_special_tokens=False), (kind, ids)
@@ -113,15 +147,30 @@ def test_bare_sentencepiece_model(tmp_path):
 def test_added_token_flags_match_transformers(tmp_path):
     """lstrip/rstrip/single_word and non-special added tokens, as a fine-tune might declare them."""
     flags = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
-    extra = {32002: {**flags, "content": "<tool>", "lstrip": True, "rstrip": True, "special": True},
-             32003: {**flags, "content": "<word>", "single_word": True, "special": False},
-             32004: {**flags, "content": "<tool>call", "special": True},  # overlaps <tool>: longest wins
-             # Already a piece of the vocabulary: transformers keeps the piece's id (10993), not 32005.
-             32005: {**flags, "content": "WORD", "special": False}}
+    extra = {
+        32002: {**flags, "content": "<tool>", "lstrip": True, "rstrip": True, "special": True},
+        32003: {**flags, "content": "<word>", "single_word": True, "special": False},
+        32004: {**flags, "content": "<tool>call", "special": True},  # overlaps <tool>: longest wins
+        # Already a piece of the vocabulary: transformers keeps the piece's id (10993), not 32005.
+        32005: {**flags, "content": "WORD", "special": False},
+    }
     path = write_sp_dir(tmp_path / "flags", "v1", tokenizer_config("v1", extra_added=extra))
     ours, hf = load_tokenizer(path), hf_tokenizer(str(path))
-    texts = ["a <tool> b", "a<tool>b", "x \n <tool>\n\ny", "<tool><tool>  <tool>", "<word> here", "a<word>b",
-             "a <word> b", "<word>s <word>", "<tool>call me <tool>cal", " WORD", "WORD here", "x WORD y", "<|im_start|> <tool> WORD <word>"]
+    texts = [
+        "a <tool> b",
+        "a<tool>b",
+        "x \n <tool>\n\ny",
+        "<tool><tool>  <tool>",
+        "<word> here",
+        "a<word>b",
+        "a <word> b",
+        "<word>s <word>",
+        "<tool>call me <tool>cal",
+        " WORD",
+        "WORD here",
+        "x WORD y",
+        "<|im_start|> <tool> WORD <word>",
+    ]
     assert ours.vocab_size == len(hf) == 32005
     for text in texts:
         assert ours.encode(text) == hf.encode(text), text
@@ -134,8 +183,9 @@ def test_added_tokens_json_and_special_tokens_map(tmp_path):
     """Older fine-tunes: tokens in added_tokens.json, specials in special_tokens_map.json."""
     path = write_sp_dir(tmp_path / "old", "v1", {"add_bos_token": True, "add_eos_token": False})
     (path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000, "<|im_start|>": 32001}))
-    (path / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
+    (path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>"})
+    )
     tok, hf = load_tokenizer(path), hf_tokenizer(str(path))
     assert tok.eos_token_id == hf.eos_token_id == 32000 and 2 in tok.eos_token_ids  # config.json's eos_token_id
     for text in ["<|im_start|>hi<|im_end|>", "a <|im_end|> b", "<s>x</s>"]:
@@ -172,9 +222,12 @@ def test_bad_files_errors(tmp_path):
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
-       | st.lists(st.sampled_from(["<s>", "</s>", "<|im_start|>", " ", "  ", "\n", "a", "▁", "é", "🦙", "[INST]"]),
-                  max_size=12).map("".join))
+@given(
+    text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+    | st.lists(
+        st.sampled_from(["<s>", "</s>", "<|im_start|>", " ", "  ", "\n", "a", "▁", "é", "🦙", "[INST]"]), max_size=12
+    ).map("".join)
+)
 def test_any_text_encodes_like_transformers(text):
     for kind in ("v1", "v3-json", "v1-nonlegacy"):
         assert loaded_tokenizer(kind).encode(text) == hf_tokenizer(str(tokenizer_dir(kind))).encode(text), (kind, text)

@@ -8,8 +8,15 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from memorized import (TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit, memorized_hf,
-                       training_sequences, training_steps)
+from memorized import (
+    TEXT_CONTINUATION,
+    TEXT_PROMPT,
+    TRANSCRIPT,
+    memorized_4bit,
+    memorized_hf,
+    training_sequences,
+    training_steps,
+)
 from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.tokenizer import load_tokenizer
 from tiny_models import load_hf_model
@@ -19,7 +26,7 @@ def _continuation_ids(tok):
     prompt = tok.encode(TEXT_PROMPT, bos=True)
     full = tok.encode(TEXT_PROMPT + TEXT_CONTINUATION, bos=True)
     assert full[: len(prompt)] == prompt  # the prompt ends at a word boundary
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]
 
 
 def test_training_converged_quickly(tmp_path_factory):
@@ -39,8 +46,9 @@ def test_transformers_reads_the_saved_checkpoint_and_recites(tmp_path_factory):
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 2e-5
     prompt, continuation = _continuation_ids(tok)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=len(continuation),
-                          pad_token_id=0)[0, len(prompt):].tolist()
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=len(continuation), pad_token_id=0)[
+            0, len(prompt) :
+        ].tolist()
     assert out == continuation
 
 

@@ -5,12 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 TINY_MIXTRAL = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
 )
 TINY_MISTRAL = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
 )
 
 
@@ -23,8 +33,15 @@ def mistral_tokenizer_path(version: str = "v1") -> Path:
     return data / names[version]
 
 
-def make_hf_checkpoint(path: Path, *, dense: bool = False, seed: int = 0, dtype: str = "float32",
-                       max_shard_size: str | None = None, **overrides) -> Path:
+def make_hf_checkpoint(
+    path: Path,
+    *,
+    dense: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
     """Save a randomly initialised MixtralForCausalLM (or MistralForCausalLM) in hub format."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM

@@ -25,17 +25,45 @@ BYTE0 = {"v1": 3, "v3": 771}  # id of the byte piece <0x00>; <0xHH> is BYTE0 + 0
 # runs, leading spaces, newlines, tabs, control and rare bytes, combining marks, the meta-space
 # character itself, markup that looks like special tokens, and special/added tokens proper.
 CORPUS = [
-    "Hello world", " Hello", "  two leading spaces", "trailing space ", "", " ", "   ", "\n", "\n\n\n",
-    "a  b   c    d", "\t\ttabs\tand\nnewlines\r\n", "def f(x):\n    return x ** 2  # comment\n",
-    "for (int i = 0; i < n; ++i) { s += a[i]; }", "日本語のテキスト、中文文本，한국어 텍스트",
-    "😀😃🤖 👩‍👩‍👧‍👦 🇫🇷 ✊🏽", "Emoji at end 🎉", "é è ê ë — “quotes” ‘single’ …", "e\u0301 a\u0308 n\u0303",
-    "\u0000\u0001\u007f nul and del", "\u200b\u200d zero width", "\ufeffBOM", "▁meta▁space", "▁ starts",
-    "math: ∑∫√∞ ≤ ≥ ≠ ≈ π", "RTL: مرحبا بالعالم שלום", "ﬁ ligature ＦＵＬＬＷＩＤＴＨ",
-    "[INST] not a control token [/INST]", "<s> and </s> and <unk> inside", "x</s>y", "<s><s>",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "a<|im_start|>  b", "<|im_end|> lead",
-    "[TOOL_CALLS] [AVAILABLE_TOOLS] [REFERENCE_DOC_3]", "1234567890 3.14159 1e-9 0x1F",
-    "https://example.com/path?q=1&r=2#frag", "<html><body class=\"x\">&amp;</body></html>",
-    "\U0001F9FF\U0001FAE0 rare emoji \U00010348 gothic \U0002A6D6 cjk ext", "\u0e01\u0e32\u0e23 thai",
+    "Hello world",
+    " Hello",
+    "  two leading spaces",
+    "trailing space ",
+    "",
+    " ",
+    "   ",
+    "\n",
+    "\n\n\n",
+    "a  b   c    d",
+    "\t\ttabs\tand\nnewlines\r\n",
+    "def f(x):\n    return x ** 2  # comment\n",
+    "for (int i = 0; i < n; ++i) { s += a[i]; }",
+    "日本語のテキスト、中文文本，한국어 텍스트",
+    "😀😃🤖 👩‍👩‍👧‍👦 🇫🇷 ✊🏽",
+    "Emoji at end 🎉",
+    "é è ê ë — “quotes” ‘single’ …",
+    "e\u0301 a\u0308 n\u0303",
+    "\u0000\u0001\u007f nul and del",
+    "\u200b\u200d zero width",
+    "\ufeffBOM",
+    "▁meta▁space",
+    "▁ starts",
+    "math: ∑∫√∞ ≤ ≥ ≠ ≈ π",
+    "RTL: مرحبا بالعالم שלום",
+    "ﬁ ligature ＦＵＬＬＷＩＤＴＨ",
+    "[INST] not a control token [/INST]",
+    "<s> and </s> and <unk> inside",
+    "x</s>y",
+    "<s><s>",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "a<|im_start|>  b",
+    "<|im_end|> lead",
+    "[TOOL_CALLS] [AVAILABLE_TOOLS] [REFERENCE_DOC_3]",
+    "1234567890 3.14159 1e-9 0x1F",
+    "https://example.com/path?q=1&r=2#frag",
+    '<html><body class="x">&amp;</body></html>',
+    "\U0001f9ff\U0001fae0 rare emoji \U00010348 gothic \U0002a6d6 cjk ext",
+    "\u0e01\u0e32\u0e23 thai",
 ]
 
 _ROOT: Path | None = None
@@ -50,19 +78,43 @@ def _root() -> Path:
 
 
 def _added(content: str, special: bool = True, **flags) -> dict:
-    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
-            "special": special, **flags}
+    return {
+        "content": content,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "single_word": False,
+        "special": special,
+        **flags,
+    }
 
 
-def tokenizer_config(version: str, *, legacy: bool | None = True, chat_template: str | None = None,
-                     extra_added: dict[int, dict] | None = None) -> dict:
+def tokenizer_config(
+    version: str,
+    *,
+    legacy: bool | None = True,
+    chat_template: str | None = None,
+    extra_added: dict[int, dict] | None = None,
+) -> dict:
     n = BASE_VOCAB[version]
-    added = {"0": _added("<unk>"), "1": _added("<s>"), "2": _added("</s>"),
-             str(n): _added(CHATML[0]), str(n + 1): _added(CHATML[1])}
+    added = {
+        "0": _added("<unk>"),
+        "1": _added("<s>"),
+        "2": _added("</s>"),
+        str(n): _added(CHATML[0]),
+        str(n + 1): _added(CHATML[1]),
+    }
     added.update({str(k): v for k, v in (extra_added or {}).items()})
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
-              "added_tokens_decoder": added}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added,
+    }
     if legacy is not None:
         config["legacy"] = legacy
     if chat_template is not None:
@@ -118,17 +170,25 @@ def tokenizer_dir(kind: str) -> Path:
             (path / "tokenizer.model").unlink()
         if layout == "hubjson":
             spec = json.loads((path / "tokenizer.json").read_text())
-            spec["normalizer"] = {"type": "Sequence", "normalizers": [
-                {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+            spec["normalizer"] = {
+                "type": "Sequence",
+                "normalizers": [
+                    {"type": "Prepend", "prepend": "▁"},
+                    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+                ],
+            }
             spec["pre_tokenizer"] = None  # user-defined pieces ([REFERENCE_DOC_n]) become added tokens instead
             pieces = spec["model"]["vocab"]
             known = {t["id"] for t in spec["added_tokens"]}
             spec["added_tokens"] += [
-                {"id": pieces[p], "content": p, **_added(p, special=False)} for p in pieces
-                if p.startswith("[REFERENCE_DOC_") and pieces[p] not in known]
+                {"id": pieces[p], "content": p, **_added(p, special=False)}
+                for p in pieces
+                if p.startswith("[REFERENCE_DOC_") and pieces[p] not in known
+            ]
             spec["added_tokens"].sort(key=lambda t: t["id"])
             (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
         return path
     legacy = "nonlegacy" not in flags
-    return write_sp_dir(_root() / kind, version, tokenizer_config(version, legacy=legacy),
-                        generation_eos=[2, BASE_VOCAB[version]])
+    return write_sp_dir(
+        _root() / kind, version, tokenizer_config(version, legacy=legacy), generation_eos=[2, BASE_VOCAB[version]]
+    )

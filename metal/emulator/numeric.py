@@ -36,7 +36,7 @@ def unpack_affine(packed: mx.array, scales: mx.array, biases: mx.array, group_si
     """(..., out, in*bits/32) uint32 words -> (..., out, in) float64 weights, w = scale * q + bias."""
     words = np.array(packed).astype(np.uint64)
     per_word = 32 // bits
-    shifts = (np.arange(per_word, dtype=np.uint64) * bits)  # value j of a word sits at bits*j
+    shifts = np.arange(per_word, dtype=np.uint64) * bits  # value j of a word sits at bits*j
     q = (words[..., None] >> shifts) & np.uint64((1 << bits) - 1)  # (..., out, words, per_word)
     q = q.reshape(*words.shape[:-1], -1).astype(np.float64)  # (..., out, in)
     s = np.repeat(to_f64(scales), group_size, axis=-1)  # (..., out, in)
@@ -75,6 +75,8 @@ def compare(out: np.ndarray, ref: np.ndarray, tolerance: tuple[float, float], wh
     bad = err > rtol * np.abs(ref) + atol * scale
     if bad.any():
         i = tuple(int(v) for v in np.argwhere(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} elements off, e.g. at {i}: {out[i]!r} vs {ref[i]!r} "
-                             f"(max error {err.max() / scale:.3g} of max|ref| {scale:.3g})")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} elements off, e.g. at {i}: {out[i]!r} vs {ref[i]!r} "
+            f"(max error {err.max() / scale:.3g} of max|ref| {scale:.3g})"
+        )
     return float(err.max() / scale)

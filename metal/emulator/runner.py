@@ -28,8 +28,16 @@ import numpy as np
 SHIM = "metal_shim.h"
 RUN_TIMEOUT_S = 60
 GXX_FLAGS = ["-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-attributes", "-Wno-unused-variable"]
-CLANG_FLAGS = ["-target", "aarch64-linux-gnu", "-march=armv8.6-a+bf16", "-nostdinc", "-std=c++17",
-               "-fsyntax-only", "-Wno-unknown-attributes", "-DMSHIM_ADDRESS_SPACES"]
+CLANG_FLAGS = [
+    "-target",
+    "aarch64-linux-gnu",
+    "-march=armv8.6-a+bf16",
+    "-nostdinc",
+    "-std=c++17",
+    "-fsyntax-only",
+    "-Wno-unknown-attributes",
+    "-DMSHIM_ADDRESS_SPACES",
+]
 
 
 class EmulatorError(RuntimeError):
@@ -42,7 +50,7 @@ class EmulatorTimeout(EmulatorError):
 
 @dataclass(frozen=True)
 class Param:
-    type: str       # as written in the signature, e.g. "const device float16_t*"
+    type: str  # as written in the signature, e.g. "const device float16_t*"
     name: str
     attribute: str  # "buffer" or a thread attribute such as "thread_index_in_simdgroup"
     slot: int = -1  # buffer index
@@ -53,7 +61,7 @@ class GeneratedKernel:
     name: str
     source: str  # exactly as MLX printed it
     params: tuple[Param, ...]
-    call: str    # the instantiated template, e.g. "custom_kernel_x<float16_t, 64>"
+    call: str  # the instantiated template, e.g. "custom_kernel_x<float16_t, 64>"
 
     @property
     def buffers(self) -> list[Param]:
@@ -145,8 +153,10 @@ def driver_source(kernels: list[GeneratedKernel]) -> str:
             f"  mshim::dispatch_threads(grid, group, [&](const mshim::Ids& ids) {{\n"
             f"    k{i}::{k.call}(\n        {args});\n  }});\n}}"
         )
-    table = ", ".join(f"{{launch_{i}, {len(k.buffers)}, {{{', '.join(str(p.slot) for p in k.outputs)}}}}}"
-                      for i, k in enumerate(kernels))
+    table = ", ".join(
+        f"{{launch_{i}, {len(k.buffers)}, {{{', '.join(str(p.slot) for p in k.outputs)}}}}}"
+        for i, k in enumerate(kernels)
+    )
     text.append(f"""
 #undef device
 #undef constant
@@ -197,8 +207,12 @@ def build(kernels: list[GeneratedKernel], cache_dir: str | os.PathLike, timeout:
     cpp = cache / f"emu-{digest}.cpp"
     cpp.write_text(source)
     tmp = cache / f"emu-{digest}.tmp{os.getpid()}"
-    proc = subprocess.run(["g++", *GXX_FLAGS, "-I", str(shim_dir()), str(cpp), "-o", str(tmp)],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["g++", *GXX_FLAGS, "-I", str(shim_dir()), str(cpp), "-o", str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise EmulatorError(f"g++ failed on {cpp}:\n{proc.stderr[-4000:]}")
     os.replace(tmp, binary)
@@ -234,8 +248,12 @@ def syntax_check(kernels: list[GeneratedKernel], work_dir: str | os.PathLike, ti
 
 # ---------------------------------------------------------------- buffers in and out
 
-_NAN_BITS = {"float": np.uint32(0x7FC00000), "float16_t": np.uint16(0x7E00), "half": np.uint16(0x7E00),
-             "bfloat16_t": np.uint16(0x7FC0)}
+_NAN_BITS = {
+    "float": np.uint32(0x7FC00000),
+    "float16_t": np.uint16(0x7E00),
+    "half": np.uint16(0x7E00),
+    "bfloat16_t": np.uint16(0x7FC0),
+}
 _DECODE = {"float": np.float32, "float16_t": np.float16, "half": np.float16}
 
 
@@ -256,8 +274,16 @@ def _decode(raw: bytes, element: str, shape: tuple[int, ...]) -> np.ndarray:
     return values.astype(np.float64).reshape(shape)
 
 
-def run(binary: Path, index: int, kernel: GeneratedKernel, grid, threadgroup, inputs: dict[str, mx.array],
-        output_shapes: dict[str, tuple[int, ...]], timeout: float = RUN_TIMEOUT_S) -> dict[str, np.ndarray]:
+def run(
+    binary: Path,
+    index: int,
+    kernel: GeneratedKernel,
+    grid,
+    threadgroup,
+    inputs: dict[str, mx.array],
+    output_shapes: dict[str, tuple[int, ...]],
+    timeout: float = RUN_TIMEOUT_S,
+) -> dict[str, np.ndarray]:
     """Dispatch kernel `index` of `binary` over `grid` threads; outputs start as NaN, come back float64."""
     with tempfile.TemporaryDirectory() as job:
         for p in kernel.buffers:
@@ -277,15 +303,19 @@ def run(binary: Path, index: int, kernel: GeneratedKernel, grid, threadgroup, in
             raise EmulatorTimeout(f"kernel {kernel.name} did not finish in {timeout} s (deadlock?)") from e
         if proc.returncode != 0:
             raise EmulatorError(f"kernel {kernel.name} run failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-        return {p.name: _decode(Path(job, f"{p.slot}.out").read_bytes(), kernel.element_type(p.name),
-                                output_shapes[p.name]) for p in kernel.outputs}
+        return {
+            p.name: _decode(Path(job, f"{p.slot}.out").read_bytes(), kernel.element_type(p.name), output_shapes[p.name])
+            for p in kernel.outputs
+        }
 
 
 def _shape_info(p: Param, inputs: dict[str, mx.array]) -> bytes:
     """x_shape / x_strides / x_ndim buffers MLX adds when a kernel names them (row-contiguous input)."""
-    for suffix, make in (("_shape", lambda a: np.array(a.shape, np.int32)),
-                         ("_strides", lambda a: np.array(_row_strides(a.shape), np.int64)),
-                         ("_ndim", lambda a: np.array(a.ndim, np.int32))):
+    for suffix, make in (
+        ("_shape", lambda a: np.array(a.shape, np.int32)),
+        ("_strides", lambda a: np.array(_row_strides(a.shape), np.int64)),
+        ("_ndim", lambda a: np.array(a.ndim, np.int32)),
+    ):
         if p.name.endswith(suffix) and p.name[: -len(suffix)] in inputs:
             return make(inputs[p.name[: -len(suffix)]]).tobytes()
     raise EmulatorError(f"no data for kernel parameter {p.name}")

@@ -19,8 +19,25 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_mixtral.metal.emulator import runner
-from mlx_mixtral.metal.kernels import DOWN, GATE_UP, SIMDGROUPS, ExpertGeometry, launch_down, launch_gate_up, make_kernel
-from mlx_mixtral.metal.emulator.numeric import DTYPES, KERNEL_TOLERANCE, PIPELINE_TOLERANCE, compare, down64, gate_up64, to_f64, unpack_affine
+from mlx_mixtral.metal.kernels import (
+    DOWN,
+    GATE_UP,
+    SIMDGROUPS,
+    ExpertGeometry,
+    launch_down,
+    launch_gate_up,
+    make_kernel,
+)
+from mlx_mixtral.metal.emulator.numeric import (
+    DTYPES,
+    KERNEL_TOLERANCE,
+    PIPELINE_TOLERANCE,
+    compare,
+    down64,
+    gate_up64,
+    to_f64,
+    unpack_affine,
+)
 
 EXPERTS = 4
 # (D, F) per group size: multiples of the group size that leave the last 512-value (4-bit) or
@@ -42,8 +59,18 @@ class Config:
     @property
     def geometry(self) -> ExpertGeometry:
         hidden, ffn = SIZES[self.group_size]
-        return ExpertGeometry(DTYPES[self.dtype], self.group_size, self.bits, hidden, ffn, EXPERTS,
-                              self.top_k, self.rows_per_simdgroup, self.down_group_size, self.down_bits)
+        return ExpertGeometry(
+            DTYPES[self.dtype],
+            self.group_size,
+            self.bits,
+            hidden,
+            ffn,
+            EXPERTS,
+            self.top_k,
+            self.rows_per_simdgroup,
+            self.down_group_size,
+            self.down_bits,
+        )
 
     @property
     def small_buffers(self) -> bool:
@@ -54,8 +81,10 @@ class Config:
     def label(self) -> str:
         space = "constant" if self.small_buffers else "device"
         down = f"+down:g{self.down_group_size}/{self.down_bits}bit" if self.down_bits else ""
-        return (f"{self.dtype}/g{self.group_size}/{self.bits}bit{down}/k{self.top_k}/T{self.tokens}"
-                f"/R{self.rows_per_simdgroup}/ids:{space}")
+        return (
+            f"{self.dtype}/g{self.group_size}/{self.bits}bit{down}/k{self.top_k}/T{self.tokens}"
+            f"/R{self.rows_per_simdgroup}/ids:{space}"
+        )
 
 
 def matrix() -> list[Config]:
@@ -77,12 +106,12 @@ def matrix() -> list[Config]:
 
 @dataclass
 class Case:
-    x: mx.array        # (T, D)
-    ids: mx.array      # (P,) uint32, token 0's slots all name the same expert when K > 1
+    x: mx.array  # (T, D)
+    ids: mx.array  # (P,) uint32, token 0's slots all name the same expert when K > 1
     weights: mx.array  # (P,) float32 router weights
-    gate: tuple        # (weight, scales, biases) of (E, F, D)
+    gate: tuple  # (weight, scales, biases) of (E, F, D)
     up: tuple
-    down: tuple        # of (E, D, F)
+    down: tuple  # of (E, D, F)
 
 
 def make_case(config: Config, seed: int = 0) -> Case:
@@ -102,7 +131,8 @@ def make_case(config: Config, seed: int = 0) -> Case:
         x=mx.array(rng.standard_normal((config.tokens, g.hidden)).astype(np.float32)).astype(dtype),
         ids=mx.array(ids.reshape(-1).astype(np.uint32)),
         weights=mx.array(weights.reshape(-1).astype(np.float32)),
-        gate=experts(g.ffn, g.hidden, GATE_UP), up=experts(g.ffn, g.hidden, GATE_UP),
+        gate=experts(g.ffn, g.hidden, GATE_UP),
+        up=experts(g.ffn, g.hidden, GATE_UP),
         down=experts(g.hidden, g.ffn, DOWN),
     )
 
@@ -128,43 +158,74 @@ def build_all(groups: list[list[runner.GeneratedKernel]], cache_dir, jobs: int =
         return list(pool.map(lambda ks: runner.build(ks, cache_dir), groups))
 
 
-def check(config: Config, case: Case, binary, first: int, kernels: list[runner.GeneratedKernel],
-          timeout: float = runner.RUN_TIMEOUT_S) -> dict[str, float]:
+def check(
+    config: Config,
+    case: Case,
+    binary,
+    first: int,
+    kernels: list[runner.GeneratedKernel],
+    timeout: float = runner.RUN_TIMEOUT_S,
+) -> dict[str, float]:
     """Run gate_up then down (kernels[0:2], indices first, first+1 in `binary`) against float64.
 
     down runs on the emulator's own h, so it is checked tightly against float64 math on that h,
     and the pair end to end against float64 math from x.
     """
     g, name = config.geometry, config.dtype
-    gate, up, down = (unpack_affine(*parts, *g.quantization(kind)) for parts, kind in
-                      ((case.gate, GATE_UP), (case.up, GATE_UP), (case.down, DOWN)))
+    gate, up, down = (
+        unpack_affine(*parts, *g.quantization(kind))
+        for parts, kind in ((case.gate, GATE_UP), (case.up, GATE_UP), (case.down, DOWN))
+    )
     x, ids, w = to_f64(case.x), np.array(case.ids).astype(np.int64), to_f64(case.weights)
     pairs = config.tokens * config.top_k
     quant = dict(zip(("gate_w", "gate_s", "gate_b"), case.gate)) | dict(zip(("up_w", "up_s", "up_b"), case.up))
     grid, group = g.grid(GATE_UP, config.tokens)
-    h = runner.run(binary, first, kernels[0], grid, group, {"x": case.x, "indices": case.ids, **quant},
-                     {"h": (pairs, g.ffn)}, timeout)["h"]
+    h = runner.run(
+        binary,
+        first,
+        kernels[0],
+        grid,
+        group,
+        {"x": case.x, "indices": case.ids, **quant},
+        {"h": (pairs, g.ffn)},
+        timeout,
+    )["h"]
     h_exact = gate_up64(x, ids, gate, up, config.top_k)
     errors = {"gate_up": compare(h, h_exact, KERNEL_TOLERANCE[name], f"{config.label} gate_up")}
 
     h_in = mx.array(h.astype(np.float32)).astype(DTYPES[name])  # exactly the emulator's h
     grid, group = g.grid(DOWN, config.tokens)
-    y = runner.run(binary, first + 1, kernels[1], grid, group,
-                     {"h": h_in, "indices": case.ids, "weights": case.weights,
-                      **dict(zip(("down_w", "down_s", "down_b"), case.down))},
-                     {"out": (config.tokens, g.hidden)}, timeout)["out"]
-    errors["down"] = compare(y, down64(h, ids, w, down, config.top_k), KERNEL_TOLERANCE[name],
-                             f"{config.label} down")
-    errors["pipeline"] = compare(y, down64(h_exact, ids, w, down, config.top_k), PIPELINE_TOLERANCE[name],
-                                 f"{config.label} gate_up+down vs float64")
+    y = runner.run(
+        binary,
+        first + 1,
+        kernels[1],
+        grid,
+        group,
+        {
+            "h": h_in,
+            "indices": case.ids,
+            "weights": case.weights,
+            **dict(zip(("down_w", "down_s", "down_b"), case.down)),
+        },
+        {"out": (config.tokens, g.hidden)},
+        timeout,
+    )["out"]
+    errors["down"] = compare(y, down64(h, ids, w, down, config.top_k), KERNEL_TOLERANCE[name], f"{config.label} down")
+    errors["pipeline"] = compare(
+        y,
+        down64(h_exact, ids, w, down, config.top_k),
+        PIPELINE_TOLERANCE[name],
+        f"{config.label} gate_up+down vs float64",
+    )
     return errors
 
 
 def threadgroups(config: Config) -> int:
     """Threadgroups the two kernels dispatch for this configuration (emulation cost)."""
     g = config.geometry
-    return sum(g.grid(kind, config.tokens)[0][1] // SIMDGROUPS * g.grid(kind, config.tokens)[0][2]
-               for kind in (GATE_UP, DOWN))
+    return sum(
+        g.grid(kind, config.tokens)[0][1] // SIMDGROUPS * g.grid(kind, config.tokens)[0][2] for kind in (GATE_UP, DOWN)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             for j, i in enumerate(idx):
                 start = time.time()
                 err = check(configs[i], cases[i], binary, 2 * j, kernels[i])
-                print(f"{configs[i].label:56} {err['gate_up']:9.2e} {err['down']:9.2e} {err['pipeline']:9.2e} "
-                      f"{threadgroups(configs[i]):5d} {time.time() - start:5.1f}", flush=True)
+                print(
+                    f"{configs[i].label:56} {err['gate_up']:9.2e} {err['down']:9.2e} {err['pipeline']:9.2e} "
+                    f"{threadgroups(configs[i]):5d} {time.time() - start:5.1f}",
+                    flush=True,
+                )
     return 0
 
 

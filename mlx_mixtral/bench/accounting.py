@@ -32,8 +32,21 @@ from mlx.utils import tree_flatten
 
 # Primitives that only re-describe memory (no read of their own); a read happens where their
 # output is consumed. StopGradient and Depends are identity edges in the graph.
-VIEW_PRIMITIVES = frozenset({"Reshape", "Transpose", "Broadcast", "Slice", "Squeeze", "ExpandDims", "AsStrided",
-                             "Flatten", "Unflatten", "StopGradient", "Depends"})
+VIEW_PRIMITIVES = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Broadcast",
+        "Slice",
+        "Squeeze",
+        "ExpandDims",
+        "AsStrided",
+        "Flatten",
+        "Unflatten",
+        "StopGradient",
+        "Depends",
+    }
+)
 # Primitives that read only the rows their indices select along the first axis.
 GATHERING_PRIMITIVES = frozenset({"Gather", "GatherAxis", "GatherMM", "GatherQMM", "CustomKernel"})
 
@@ -97,8 +110,16 @@ def _consumers(g: Graph, array: str) -> list[str]:
 
 
 # Parameter name fragment -> what it is, first match wins (HF / mlx-lm names).
-_KINDS = [("embed_tokens", "embedding"), ("switch_mlp", "experts"), (".experts.", "experts"), ("lm_head", "lm_head"),
-          ("block_sparse_moe.gate", "router"), ("self_attn", "attention"), (".mlp.", "dense mlp"), ("norm", "norms")]
+_KINDS = [
+    ("embed_tokens", "embedding"),
+    ("switch_mlp", "experts"),
+    (".experts.", "experts"),
+    ("lm_head", "lm_head"),
+    ("block_sparse_moe.gate", "router"),
+    ("self_attn", "attention"),
+    (".mlp.", "dense mlp"),
+    ("norm", "norms"),
+]
 
 
 def _kind(name: str) -> str:
@@ -117,8 +138,9 @@ class WeightReads:
         return self.bytes_read / self.minimum
 
 
-def weight_reads(g: Graph, params: dict[str, mx.array], *, tokens: int, top_k: int, num_experts: int,
-                 vocab: int, tied: bool = False) -> WeightReads:
+def weight_reads(
+    g: Graph, params: dict[str, mx.array], *, tokens: int, top_k: int, num_experts: int, vocab: int, tied: bool = False
+) -> WeightReads:
     """Bytes of `params` the traced step reads, and the minimum, for a step over `tokens` tokens.
 
     A gathering primitive reads min(rows selected, rows) / rows of a parameter: `tokens` rows of
@@ -151,8 +173,9 @@ def weight_reads(g: Graph, params: dict[str, mx.array], *, tokens: int, top_k: i
                 if kind in ("experts", "embedding") and not (kind == "embedding" and tied):
                     full_of_gathered.append(f"{name} by {label}")
     kinds = sorted(set(read) | set(minimum))
-    return WeightReads(sum(read.values()), sum(minimum.values()), {k: (read[k], minimum[k]) for k in kinds},
-                       full_of_gathered)
+    return WeightReads(
+        sum(read.values()), sum(minimum.values()), {k: (read[k], minimum[k]) for k in kinds}, full_of_gathered
+    )
 
 
 def model_parameters(model: Any) -> dict[str, mx.array]:
@@ -200,11 +223,19 @@ def account_decode_step(model: Any, cache: list, *, host_reps: int = 10, token: 
         times.append(time.perf_counter() - start)
         _restore(cache, logits)
 
-    reads = weight_reads(g, params, tokens=1, top_k=args.num_experts_per_tok, num_experts=args.num_local_experts,
-                         vocab=args.vocab_size, tied=bool(getattr(args, "tie_word_embeddings", False)))
+    reads = weight_reads(
+        g,
+        params,
+        tokens=1,
+        top_k=args.num_experts_per_tok,
+        num_experts=args.num_local_experts,
+        vocab=args.vocab_size,
+        tied=bool(getattr(args, "tie_word_embeddings", False)),
+    )
     layer_counts = layer_graph.counts()
-    return DecodeAccount(reads, len(g.primitives), sum(layer_counts.values()), layer_counts,
-                         statistics.median(times) * 1e3)
+    return DecodeAccount(
+        reads, len(g.primitives), sum(layer_counts.values()), layer_counts, statistics.median(times) * 1e3
+    )
 
 
 def prefill_cache(model: Any, cache: list, length: int) -> list:
@@ -222,8 +253,10 @@ def _size(n: int) -> str:
 def describe(account: DecodeAccount) -> list[str]:
     """Lines for a report (the caller prints them)."""
     w = account.weights
-    lines = [f"weight bytes read per decode token: {w.bytes_read / 1e6:.2f} MB, minimum {w.minimum / 1e6:.2f} MB, "
-             f"ratio {w.ratio:.3f}"]
+    lines = [
+        f"weight bytes read per decode token: {w.bytes_read / 1e6:.2f} MB, minimum {w.minimum / 1e6:.2f} MB, "
+        f"ratio {w.ratio:.3f}"
+    ]
     for kind, (got, least) in w.by_kind.items():
         lines.append(f"  {kind:<10} {_size(got):>10}  (minimum {_size(least)})")
     for item in w.full_reads_of_gathered:
@@ -231,4 +264,3 @@ def describe(account: DecodeAccount) -> list[str]:
     lines.append(f"primitives per decode step: {account.primitives}, per layer: {account.primitives_per_layer}")
     lines.append(f"host time to build one decode step's graph: {account.host_ms:.2f} ms")
     return lines
-

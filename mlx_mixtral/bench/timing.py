@@ -6,7 +6,6 @@ A decode token must stream the weights it uses (attention, router, the K routed 
 embedding row, the output head) plus the KV cache once, so tok/s <= bandwidth / those bytes.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -25,10 +24,21 @@ import mlx.core as mx
 # GPU bins with different memory systems (M3 Max, M4 Max), the larger bin's figure is listed:
 # pass --bandwidth for the smaller one (M3 Max 30-core: 300, M4 Max 32-core: 410).
 APPLE_BANDWIDTH_GBS = {
-    "M1": 68.25, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
-    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
-    "M3": 100, "M3 Pro": 150, "M3 Max": 400, "M3 Ultra": 819,
-    "M4": 120, "M4 Pro": 273, "M4 Max": 546,
+    "M1": 68.25,
+    "M1 Pro": 200,
+    "M1 Max": 400,
+    "M1 Ultra": 800,
+    "M2": 100,
+    "M2 Pro": 200,
+    "M2 Max": 400,
+    "M2 Ultra": 800,
+    "M3": 100,
+    "M3 Pro": 150,
+    "M3 Max": 400,
+    "M3 Ultra": 819,
+    "M4": 120,
+    "M4 Pro": 273,
+    "M4 Max": 546,
 }
 
 
@@ -40,8 +50,9 @@ def device_name() -> str:
         name = ""
     if not name and sys.platform == "darwin":
         try:
-            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
+            name = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
         except OSError:
             name = ""
     return name or platform.processor() or platform.machine()
@@ -110,13 +121,16 @@ def measure_ours(model: Any, prompt_len: int, decode_tokens: int, reps: int, see
     for _ in range(reps):
         mx.clear_cache()
         mx.reset_peak_memory()
-        runs.append(time_generation(generate_step(ids, model, max_tokens=decode_tokens + 1), prompt_len,
-                                    decode_tokens))
+        runs.append(time_generation(generate_step(ids, model, max_tokens=decode_tokens + 1), prompt_len, decode_tokens))
         peaks.append(mx.get_peak_memory())
-    return {"prompt_tokens": prompt_len, "decode_tokens": decode_tokens, "reps": reps,
-            "prefill_tps": statistics.median(r.prefill_tps for r in runs),
-            "decode_tps": statistics.median(r.decode_tps for r in runs),
-            "peak_gb": max(peaks) / 1e9}
+    return {
+        "prompt_tokens": prompt_len,
+        "decode_tokens": decode_tokens,
+        "reps": reps,
+        "prefill_tps": statistics.median(r.prefill_tps for r in runs),
+        "decode_tps": statistics.median(r.decode_tps for r in runs),
+        "peak_gb": max(peaks) / 1e9,
+    }
 
 
 def expert_geometry(model: Any) -> dict | None:
@@ -129,9 +143,15 @@ def expert_geometry(model: Any) -> dict | None:
     if getattr(gate, "mode", None) != "affine":
         return None
     a = model.args
-    return {"hidden": a.hidden_size, "ffn": a.intermediate_size, "experts": a.num_local_experts,
-            "top_k": a.num_experts_per_tok, "bits": gate.bits, "group_size": gate.group_size,
-            "dtype": model.model.norm.weight.dtype}
+    return {
+        "hidden": a.hidden_size,
+        "ffn": a.intermediate_size,
+        "experts": a.num_local_experts,
+        "top_k": a.num_experts_per_tok,
+        "bits": gate.bits,
+        "group_size": gate.group_size,
+        "dtype": model.model.norm.weight.dtype,
+    }
 
 
 def fused_vs_builtin(model: Any) -> dict:

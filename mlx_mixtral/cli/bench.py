@@ -36,12 +36,20 @@ def _parse_lengths(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-mixtral bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True, help="MLX model directory or hub id")
-    p.add_argument("--prompt-lengths", type=_parse_lengths, default=[128, 512, 2048],
-                   help="comma-separated context lengths (default 128,512,2048)")
+    p.add_argument(
+        "--prompt-lengths",
+        type=_parse_lengths,
+        default=[128, 512, 2048],
+        help="comma-separated context lengths (default 128,512,2048)",
+    )
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prompt (default 32)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per length (default 3)")
-    p.add_argument("--kernels", choices=["on", "off", "both"], default="on",
-                   help="fused Metal expert kernels (MLX_MIXTRAL_KERNELS) for decode")
+    p.add_argument(
+        "--kernels",
+        choices=["on", "off", "both"],
+        default="on",
+        help="fused Metal expert kernels (MLX_MIXTRAL_KERNELS) for decode",
+    )
     p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (overrides the chip table)")
     p.add_argument("--plot", default=None, help="write a PNG of tok/s against context length")
     p.add_argument("--json", default=None, help="write the results as JSON")
@@ -61,9 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     name = device_name()
     bandwidth = args.bandwidth if args.bandwidth is not None else chip_bandwidth(name)
     source = "--bandwidth" if args.bandwidth is not None else ("chip table" if bandwidth else None)
-    print(f"device: {name} ({mx.default_device()}); bandwidth: "
-          + (f"{bandwidth:g} GB/s ({source})" if bandwidth else "unknown (not an Apple chip in the table; "
-                                                                 "pass --bandwidth GB/s)"), file=sys.stderr)
+    print(
+        f"device: {name} ({mx.default_device()}); bandwidth: "
+        + (
+            f"{bandwidth:g} GB/s ({source})"
+            if bandwidth
+            else "unknown (not an Apple chip in the table; pass --bandwidth GB/s)"
+        ),
+        file=sys.stderr,
+    )
 
     cache = accounting.prefill_cache(model, model.make_cache(), 16)
     account = accounting.account_decode_step(model, cache)
@@ -82,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         with kernels_setting(setting == "on"):
             measure_ours(model, 16, 2, 1)  # warm-up: first-call allocations and kernel builds
             for length in args.prompt_lengths:
-                print(f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens "
-                      f"x {args.reps}", file=sys.stderr)
+                print(
+                    f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens x {args.reps}",
+                    file=sys.stderr,
+                )
                 r = measure_ours(model, length, args.decode_tokens, args.reps)
                 roof = roofline(bandwidth, account.weights.minimum, model.args, length, itemsize)
-                r.update(kernels=setting, roofline_tps=roof,
-                         roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof)
+                r.update(
+                    kernels=setting,
+                    roofline_tps=roof,
+                    roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof,
+                )
                 rows.append(r)
 
     kernel_layer = None
@@ -96,24 +115,43 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in kernel_layer:
             print(f"fused vs built-in, one MoE layer: skipped ({kernel_layer['skipped']})", file=sys.stderr)
         else:
-            print(f"fused vs built-in, one MoE layer at decode: {kernel_layer['fused_ms']:.3f} ms vs "
-                  f"{kernel_layer['builtin_ms']:.3f} ms ({kernel_layer['speedup']:.2f}x), max |diff| "
-                  f"{kernel_layer['max_abs_diff']:.2e}", file=sys.stderr)
+            print(
+                f"fused vs built-in, one MoE layer at decode: {kernel_layer['fused_ms']:.3f} ms vs "
+                f"{kernel_layer['builtin_ms']:.3f} ms ({kernel_layer['speedup']:.2f}x), max |diff| "
+                f"{kernel_layer['max_abs_diff']:.2e}",
+                file=sys.stderr,
+            )
 
-    print(f"{'kernels':<8} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline tok/s':>14} "
-          f"{'% roofline':>10} {'peak GB':>8}")
+    print(
+        f"{'kernels':<8} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline tok/s':>14} "
+        f"{'% roofline':>10} {'peak GB':>8}"
+    )
     for r in rows:
         roof = "unknown" if r["roofline_tps"] is None else f"{r['roofline_tps']:.1f}"
         pct = "unknown" if r["roofline_pct"] is None else f"{r['roofline_pct']:.1f}"
-        print(f"{r['kernels']:<8} {r['prompt_tokens']:>7} {r['prefill_tps']:>13.1f} {r['decode_tps']:>12.1f} "
-              f"{roof:>14} {pct:>10} {r['peak_gb']:>8.2f}")
+        print(
+            f"{r['kernels']:<8} {r['prompt_tokens']:>7} {r['prefill_tps']:>13.1f} {r['decode_tps']:>12.1f} "
+            f"{roof:>14} {pct:>10} {r['peak_gb']:>8.2f}"
+        )
 
-    result = {"model": str(args.model), "device": name, "backend": str(mx.default_device()),
-              "bandwidth_gbs": bandwidth, "bandwidth_source": source, "mlx": mx.__version__,
-              "decode_step": {"weight_bytes": account.weights.bytes_read, "minimum_bytes": account.weights.minimum,
-                              "ratio": account.weights.ratio, "primitives": account.primitives,
-                              "primitives_per_layer": account.primitives_per_layer, "host_ms": account.host_ms},
-              "runs": rows, "fused_vs_builtin_layer": kernel_layer}
+    result = {
+        "model": str(args.model),
+        "device": name,
+        "backend": str(mx.default_device()),
+        "bandwidth_gbs": bandwidth,
+        "bandwidth_source": source,
+        "mlx": mx.__version__,
+        "decode_step": {
+            "weight_bytes": account.weights.bytes_read,
+            "minimum_bytes": account.weights.minimum,
+            "ratio": account.weights.ratio,
+            "primitives": account.primitives,
+            "primitives_per_layer": account.primitives_per_layer,
+            "host_ms": account.host_ms,
+        },
+        "runs": rows,
+        "fused_vs_builtin_layer": kernel_layer,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -31,8 +31,12 @@ Ctrl-C stops the current answer."""
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-mixtral chat", description=__doc__.splitlines()[0])
     add_sampling_args(p, max_tokens=1024)
-    p.add_argument("--max-kv-size", type=int, default=None,
-                   help="keep only the newest N tokens (sliding window) instead of stopping at the context limit")
+    p.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        help="keep only the newest N tokens (sliding window) instead of stopping at the context limit",
+    )
     p.add_argument("--stats", action="store_true", help="print speed and memory after each answer (stderr)")
     return p
 
@@ -146,8 +150,9 @@ class Repl:
             elif self.dm is not None:
                 _say("/load is not supported with --distributed (each rank holds part of the KV cache)")
             else:
-                self.session = ChatSession.load(path, self.model, self.tokenizer,
-                                                chat_template=self.args.chat_template, **self.options)
+                self.session = ChatSession.load(
+                    path, self.model, self.tokenizer, chat_template=self.args.chat_template, **self.options
+                )
                 _say(f"(loaded {len(self.session.messages)} messages from {path})")
         except (ValueError, OSError) as e:
             _say(f"{name}: {one_line(e)}")

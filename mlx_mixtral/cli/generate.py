@@ -13,6 +13,7 @@ from typing import Any
 from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, stream_generate
 from mlx_mixtral.cli.options import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-mixtral generate", description=__doc__.splitlines()[0])
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return dm.follow()
     try:
         if args.chat or args.system is not None:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            prompt: Any = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt_text}],
-                                                        template=args.chat_template)
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            prompt: Any = tokenizer.apply_chat_template(
+                messages + [{"role": "user", "content": prompt_text}], template=args.chat_template
+            )
         else:
             prompt = prompt_text
         if dm is not None:

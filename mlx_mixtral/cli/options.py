@@ -23,13 +23,24 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the best one's probability")
     p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL repetition penalty (e.g. 1.1)")
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when this text appears (not printed); repeat for several")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when this text appears (not printed); repeat for several",
+    )
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--chat-template", default=None,
-                   help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer)")
-    p.add_argument("--distributed", action="store_true",
-                   help="shard the model over the processes of `mlx.launch`; rank 0 talks, the others follow")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="shard the model over the processes of `mlx.launch`; rank 0 talks, the others follow",
+    )
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,8 +50,16 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     make_logits_processors(args.repetition_penalty)
     if args.max_tokens is not None and args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def load_for_cli(args: argparse.Namespace, prog: str):
@@ -64,5 +83,7 @@ def one_line(e: Exception) -> str:
 
 
 def format_stats(r: Any) -> str:
-    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
-            f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.3f} GB")
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
+        f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.3f} GB"
+    )

@@ -34,28 +34,50 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mlx-mixtral serve", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mlx-mixtral serve",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the model")
     p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}, else none)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser pages from this origin (repeatable; '*' for any); CORS is off otherwise")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}, else none)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser pages from this origin (repeatable; '*' for any); CORS is off otherwise",
+    )
     p.add_argument("--served-model-name", help="the model id clients see (default: --model as given)")
     p.add_argument("--max-tokens-cap", type=_positive, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=_positive, default=1_000_000, help="largest request body")
     p.add_argument("--max-messages", type=_positive, default=256, help="most messages in one chat request")
-    p.add_argument("--max-kv-size", type=_positive, default=None,
-                   help="keep only the newest N tokens' keys/values (sliding window; no context limit)")
-    p.add_argument("--prompt-cache-size", type=int, default=4,
-                   help="conversations whose KV cache is kept for reuse (0: none)")
-    p.add_argument("--chat-template", default=None, help="mistral-v1, mistral-v3, jinja or Jinja source "
-                                                         "(default: chosen from the tokenizer)")
+    p.add_argument(
+        "--max-kv-size",
+        type=_positive,
+        default=None,
+        help="keep only the newest N tokens' keys/values (sliding window; no context limit)",
+    )
+    p.add_argument(
+        "--prompt-cache-size", type=int, default=4, help="conversations whose KV cache is kept for reuse (0: none)"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--distributed", action="store_true",
-                   help="shard the model over the processes of `mlx.launch`; rank 0 serves, the others follow")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="shard the model over the processes of `mlx.launch`; rank 0 serves, the others follow",
+    )
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
@@ -91,8 +113,11 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine]:
         if args.distributed:
             from mlx_mixtral.distributed.model import DistributedModel
 
-            return DistributedEngine(DistributedModel.start(args.model), max_kv_size=args.max_kv_size,
-                                     prompt_cache_size=args.prompt_cache_size)
+            return DistributedEngine(
+                DistributedModel.start(args.model),
+                max_kv_size=args.max_kv_size,
+                prompt_cache_size=args.prompt_cache_size,
+            )
         from mlx_mixtral.loader import load
 
         model, tokenizer = load(args.model)
@@ -147,18 +172,26 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
             worker.stop()
             return 1
     settings = Settings(
-        model_id=args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors_origin,
-        max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
-        max_messages=args.max_messages, max_kv_size=args.max_kv_size,
+        model_id=args.served_model_name or args.model,
+        api_key=args.api_key,
+        cors_origins=args.cors_origin,
+        max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes,
+        max_messages=args.max_messages,
+        max_kv_size=args.max_kv_size,
         chat_template=args.chat_template,
         # On loopback, a Host check keeps web pages from reaching the server through DNS rebinding.
-        allowed_hosts=LOOPBACK_HOSTS if _is_loopback(args.host) else None)
+        allowed_hosts=LOOPBACK_HOSTS if _is_loopback(args.host) else None,
+    )
     app = create_app(worker, settings)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {settings.model_id} at http://{shown}:{port}/ (chat page), "
-          f"API at http://{shown}:{port}/v1", file=sys.stderr, flush=True)
+    print(
+        f"serving {settings.model_id} at http://{shown}:{port}/ (chat page), API at http://{shown}:{port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
     if not _is_loopback(args.host) and args.api_key is None:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr)
     server = _Server(config, worker)

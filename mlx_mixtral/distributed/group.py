@@ -93,9 +93,14 @@ class Watchdog:
             time.sleep(min(1.0, self.timeout / 4))
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                os.write(2, (f"mlx-mixtral: rank {self.rank}: no answer from the other ranks for {self._limit:g} s "
-                             f"while {self._what}; stopping (a rank hung or its machine is unreachable; "
-                             f"{TIMEOUT_ENV} sets the limit)\n").encode())
+                os.write(
+                    2,
+                    (
+                        f"mlx-mixtral: rank {self.rank}: no answer from the other ranks for {self._limit:g} s "
+                        f"while {self._what}; stopping (a rank hung or its machine is unreachable; "
+                        f"{TIMEOUT_ENV} sets the limit)\n"
+                    ).encode(),
+                )
                 os._exit(EXIT_TIMEOUT)
 
 
@@ -110,11 +115,14 @@ def _process_deadline(seconds: float, message: str):
 
     `mx.distributed.init` holds the GIL while it waits for peers to connect, so no thread of this
     process can act then; a small helper process watches instead (it exits when its stdin closes)."""
-    code = ("import os, select, signal, sys\n"
-            "if not select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:\n"
-            "    os.write(2, sys.argv[2].encode() + b'\\n'); os.kill(int(sys.argv[3]), signal.SIGKILL)\n")
-    helper = subprocess.Popen([sys.executable, "-c", code, str(seconds), message, str(os.getpid())],
-                              stdin=subprocess.PIPE)
+    code = (
+        "import os, select, signal, sys\n"
+        "if not select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:\n"
+        "    os.write(2, sys.argv[2].encode() + b'\\n'); os.kill(int(sys.argv[3]), signal.SIGKILL)\n"
+    )
+    helper = subprocess.Popen(
+        [sys.executable, "-c", code, str(seconds), message, str(os.getpid())], stdin=subprocess.PIPE
+    )
     try:
         yield
     finally:
@@ -128,8 +136,10 @@ def init_group(timeout: float | None = None) -> mx.distributed.Group:
     ends the process if the other ranks do not connect within `timeout` seconds."""
     timeout = timeout or step_timeout()
     rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
-    message = (f"mlx-mixtral: rank {rank}: the other ranks did not connect within {timeout:g} s "
-               f"(check the hostfile's IPs and that every host started; {TIMEOUT_ENV} sets the limit)")
+    message = (
+        f"mlx-mixtral: rank {rank}: the other ranks did not connect within {timeout:g} s "
+        f"(check the hostfile's IPs and that every host started; {TIMEOUT_ENV} sets the limit)"
+    )
     hostfile = os.environ.get("MLX_HOSTFILE")
     if hostfile and Path(hostfile).is_file() and not Path(hostfile).read_text().strip():
         # `mlx.launch -n 1` writes an empty hostfile, which the ring backend cannot parse: a group of one.
@@ -139,8 +149,10 @@ def init_group(timeout: float | None = None) -> mx.distributed.Group:
         try:
             return mx.distributed.init(strict=True)
         except RuntimeError as e:
-            raise DistributedError(f"--distributed: no distributed backend could start ({e}); run the command "
-                                   f"under `mlx.launch` (see the README, 'Two Macs')") from None
+            raise DistributedError(
+                f"--distributed: no distributed backend could start ({e}); run the command "
+                f"under `mlx.launch` (see the README, 'Two Macs')"
+            ) from None
 
 
 def _collective(what: str, rank: int, fn: Callable[[], T]) -> T:
@@ -149,8 +161,10 @@ def _collective(what: str, rank: int, fn: Callable[[], T]) -> T:
     except RuntimeError as e:
         if not _BACKEND_ERROR.match(str(e)):
             raise
-        raise DistributedError(f"rank {rank}: lost the connection to another rank while {what} ({e}); it exited "
-                               f"or its machine is unreachable, see its own message") from None
+        raise DistributedError(
+            f"rank {rank}: lost the connection to another rank while {what} ({e}); it exited "
+            f"or its machine is unreachable, see its own message"
+        ) from None
 
 
 def _sum_int32(group: mx.distributed.Group, values: np.ndarray, what: str) -> np.ndarray:
@@ -205,11 +219,15 @@ def check_same_model(group: mx.distributed.Group, model_dir: str | Path) -> None
     model_bad = [r for r in range(size) if not np.array_equal(every[r, :32], every[0, :32])]
     soft_bad = [r for r in range(size) if not np.array_equal(every[r, 32:], every[0, 32:])]
     if soft_bad:
-        raise DistributedError(f"rank {rank}: ranks {soft_bad} run a different mlx-mixtral or mlx version than rank 0; "
-                               f"install the same versions on every machine")
+        raise DistributedError(
+            f"rank {rank}: ranks {soft_bad} run a different mlx-mixtral or mlx version than rank 0; "
+            f"install the same versions on every machine"
+        )
     if model_bad:
-        raise DistributedError(f"rank {rank}: the model directory differs between ranks (ranks {model_bad} do not "
-                               f"match rank 0; this rank read {model_dir}); every machine needs an identical copy")
+        raise DistributedError(
+            f"rank {rank}: the model directory differs between ranks (ranks {model_bad} do not "
+            f"match rank 0; this rank read {model_dir}); every machine needs an identical copy"
+        )
 
 
 def share_request(group: mx.distributed.Group, request: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -235,8 +253,12 @@ def barrier(group: mx.distributed.Group, what: str) -> None:
         _sum_int32(group, np.array([1]), what)
 
 
-def lockstep(group: mx.distributed.Group, items: Iterable[T], token_of: Callable[[T], int | None] | None = None,
-             watchdog: Watchdog | None = None) -> Iterator[T]:
+def lockstep(
+    group: mx.distributed.Group,
+    items: Iterable[T],
+    token_of: Callable[[T], int | None] | None = None,
+    watchdog: Watchdog | None = None,
+) -> Iterator[T]:
     """Iterate `items` (the same generator, built from the same request, on every rank) in lock
     step: a follower asks for its next item only when rank 0's consumer did."""
     if group.size() == 1:
@@ -308,12 +330,17 @@ def _follow(group, it, token_of, watchdog):
             return
         token = token_of(item)
         if token is not None and flag != token + 2:
-            raise DistributedError(f"rank {rank}: generated token {token} where rank 0 generated {flag - 2}; "
-                                   f"the ranks diverged (different seeds or software?)")
+            raise DistributedError(
+                f"rank {rank}: generated token {token} where rank 0 generated {flag - 2}; "
+                f"the ranks diverged (different seeds or software?)"
+            )
 
 
-def follow(group: mx.distributed.Group, handlers: dict[str, Callable[[dict[str, Any]], Iterable[T]]],
-           token_of: Callable[[T], int | None] | None = None) -> None:
+def follow(
+    group: mx.distributed.Group,
+    handlers: dict[str, Callable[[dict[str, Any]], Iterable[T]]],
+    token_of: Callable[[T], int | None] | None = None,
+) -> None:
     """The whole life of a rank other than 0: run each request rank 0 shares with the handler it
     names (`request["op"]`), in lock step, until rank 0 sends None."""
     watchdog = _watchdog(group.rank())
@@ -325,9 +352,12 @@ def follow(group: mx.distributed.Group, handlers: dict[str, Callable[[dict[str, 
             pass
 
 
-def lead(group: mx.distributed.Group, request: dict[str, Any],
-         handlers: dict[str, Callable[[dict[str, Any]], Iterable[T]]],
-         token_of: Callable[[T], int | None] | None = None) -> Iterator[T]:
+def lead(
+    group: mx.distributed.Group,
+    request: dict[str, Any],
+    handlers: dict[str, Callable[[dict[str, Any]], Iterable[T]]],
+    token_of: Callable[[T], int | None] | None = None,
+) -> Iterator[T]:
     """Rank 0: share `request` and yield the items of `handlers[request["op"]](request)`, which
     every other rank (running `follow` with the same handlers) computes alongside. Nothing is sent
     before the first item is asked for; closing the iterator early stops every rank."""

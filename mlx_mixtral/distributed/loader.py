@@ -23,8 +23,18 @@ from mlx_mixtral.weights import TensorInfo, WeightsError
 
 # safetensors dtype -> numpy dtype of the same width; bfloat16 travels as its raw 16 bits.
 _NUMPY = {
-    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
-    "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F64": np.float64,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "U64": np.uint64,
+    "I64": np.int64,
     "BOOL": np.bool_,
 }
 # Column slices are read a block of whole rows at a time; this bounds that block.
@@ -85,19 +95,24 @@ def source_tensors(headers: dict[str, TensorInfo], args: ModelArgs, model_dir: P
     names = sorted(headers)
     native = next((n for n in names if not n.startswith(("model.", "lm_head."))), None)
     if native is not None:
-        raise LoadError(f"{model_dir}: Mistral-native tensor names (e.g. {native!r}); distributed loading reads "
-                        f"Hugging Face or MLX layouts, convert it first with `mlx-mixtral convert`")
+        raise LoadError(
+            f"{model_dir}: Mistral-native tensor names (e.g. {native!r}); distributed loading reads "
+            f"Hugging Face or MLX layouts, convert it first with `mlx-mixtral convert`"
+        )
     marks = {n: mx.array(i) for i, n in enumerate(names)}
     try:
         mapped = sanitize(marks, args)
     except ValueError as e:
         raise LoadError(f"{model_dir}: {e}") from None
-    return {final: [names[i] for i in np.array(mark).reshape(-1).tolist()] if mark.ndim else [names[mark.item()]]
-            for final, mark in mapped.items()}
+    return {
+        final: [names[i] for i in np.array(mark).reshape(-1).tolist()] if mark.ndim else [names[mark.item()]]
+        for final, mark in mapped.items()
+    }
 
 
-def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: mx.Dtype | None = None,
-                 memory_check: str = "warn") -> Mixtral:
+def load_sharded(
+    model_dir: str | Path, group: mx.distributed.Group, *, dtype: mx.Dtype | None = None, memory_check: str = "warn"
+) -> Mixtral:
     """This rank's part of the model in `model_dir` (see sharding.py for the split), with the same
     checks and dtype rules as `load_model`. The plan is at `model.shard_plan`."""
     model_dir = Path(model_dir)
@@ -123,4 +138,3 @@ def load_sharded(model_dir: str | Path, group: mx.distributed.Group, *, dtype: m
     fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=False, memory_check=memory_check)
     model.shard_plan = plan
     return model
-

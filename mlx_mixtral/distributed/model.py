@@ -69,9 +69,14 @@ class DistributedModel:
         self._sessions: dict[int, ChatSession] = {}
         self._session_ids = itertools.count()
         self._prefix_caches: dict[int, PrefixCache] = {}
-        self._handlers = {"generate": self._generate, "chat.open": self._chat_open,
-                          "chat.stream": self._chat_stream, "chat.reset": self._chat_reset,
-                          "prefix.open": self._prefix_open, "prefix.stream": self._prefix_stream}
+        self._handlers = {
+            "generate": self._generate,
+            "chat.open": self._chat_open,
+            "chat.stream": self._chat_stream,
+            "chat.reset": self._chat_reset,
+            "prefix.open": self._prefix_open,
+            "prefix.stream": self._prefix_stream,
+        }
 
     @classmethod
     def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> "DistributedModel":
@@ -98,8 +103,11 @@ class DistributedModel:
     def stream_generate(self, prompt: str | Sequence[int] | mx.array, **options: Any) -> Iterator[GenerationResponse]:
         """`generate.stream_generate` on every rank; the responses come out on rank 0."""
         options.setdefault("continuation", isinstance(prompt, str))  # decided before the text becomes ids
-        request = {"op": "generate", "prompt": prompt_ids(self.tokenizer, prompt),
-                   "options": _seeded(_encode_options(options))}
+        request = {
+            "op": "generate",
+            "prompt": prompt_ids(self.tokenizer, prompt),
+            "options": _seeded(_encode_options(options)),
+        }
         return lead(self.group, request, self._handlers, _token_or_none)
 
     def chat(self, **kwargs: Any) -> "DistributedChat":
@@ -153,8 +161,9 @@ class DistributedModel:
 
     def _prefix_open(self, request: dict[str, Any]) -> Iterator[None]:
         max_kv_size = request["max_kv_size"]
-        self._prefix_caches[request["id"]] = PrefixCache(lambda: self.model.make_cache(max_kv_size),
-                                                         request["capacity"])
+        self._prefix_caches[request["id"]] = PrefixCache(
+            lambda: self.model.make_cache(max_kv_size), request["capacity"]
+        )
         return iter(())
 
     def _prefix_stream(self, request: dict[str, Any]) -> Iterator[GenerationResponse]:
@@ -176,8 +185,12 @@ class DistributedChat:
 
     def stream(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
         session_seed = self._dm._sessions[self._sid].options.get("seed")
-        request = {"op": "chat.stream", "id": self._sid, "text": text,
-                   "options": _seeded(_encode_options(options), session_seed)}
+        request = {
+            "op": "chat.stream",
+            "id": self._sid,
+            "text": text,
+            "options": _seeded(_encode_options(options), session_seed),
+        }
         return lead(self._dm.group, request, self._dm._handlers, _token_or_none)
 
     send = ChatSession.send  # the text pieces of `stream` above
@@ -186,8 +199,9 @@ class DistributedChat:
         self._dm._run({"op": "chat.reset", "id": self._sid, "system": system})
 
     def save(self, path: str | Path) -> None:
-        raise ValueError("saving a chat session is not supported with --distributed (each rank holds part of its "
-                         "KV cache)")
+        raise ValueError(
+            "saving a chat session is not supported with --distributed (each rank holds part of its KV cache)"
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dm._sessions[self._sid], name)
@@ -205,6 +219,10 @@ class DistributedPrefixCache:
         return self._dm._prefix_caches[self._sid].cached_tokens
 
     def stream(self, ids: Sequence[int], **options: Any) -> Iterator[GenerationResponse]:
-        request = {"op": "prefix.stream", "id": self._sid, "ids": [int(t) for t in ids],
-                   "options": _seeded(_encode_options(options))}
+        request = {
+            "op": "prefix.stream",
+            "id": self._sid,
+            "ids": [int(t) for t in ids],
+            "options": _seeded(_encode_options(options)),
+        }
         return lead(self._dm.group, request, self._dm._handlers, _token_or_none)

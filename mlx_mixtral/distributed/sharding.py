@@ -129,8 +129,10 @@ class ShardPlan:
         full_in = self.num_heads * self.head_dim if _kind(name) == "o" else sum(self.ffn)
         cols = shape[-1]
         if (start * cols) % full_in or (stop * cols) % full_in:
-            raise ShardError(f"{name}: cannot cut its {full_in} inputs at {start}:{stop}, not a whole "
-                             f"quantization group of its stored width {cols}")
+            raise ShardError(
+                f"{name}: cannot cut its {full_in} inputs at {start}:{stop}, not a whole "
+                f"quantization group of its stored width {cols}"
+            )
         return -1, start * cols // full_in, stop * cols // full_in
 
 
@@ -145,8 +147,9 @@ def plan_shards(args: ModelArgs, size: int, shapes: Mapping[str, tuple[int, ...]
     unit = _input_unit(shapes, "ffn_cols", f)
     if f // unit < size:
         what = f"{f // unit} quantization groups of {unit}" if unit > 1 else f"{f} columns"
-        raise ShardError(f"intermediate_size={f} has only {what}; cannot give each of {size} ranks a part "
-                         f"(use fewer ranks)")
+        raise ShardError(
+            f"intermediate_size={f} has only {what}; cannot give each of {size} ranks a part (use fewer ranks)"
+        )
     ffn = tuple(n * unit for n in even_split(f // unit, size))
 
     kv_heads, note = None, ""
@@ -157,8 +160,10 @@ def plan_shards(args: ModelArgs, size: int, shapes: Mapping[str, tuple[int, ...]
         if n_kv < size:
             note = f"{n_kv} KV heads for {size} ranks: attention replicated on every rank"
         elif any(c % attn_unit for c in cuts):
-            note = (f"o_proj groups of {attn_unit} inputs do not align with head boundaries: "
-                    f"attention replicated on every rank")
+            note = (
+                f"o_proj groups of {attn_unit} inputs do not align with head boundaries: "
+                f"attention replicated on every rank"
+            )
         else:
             kv_heads = split
     else:
@@ -222,4 +227,3 @@ def shard_modules(model: Mixtral, plan: ShardPlan, rank: int, group: mx.distribu
             layer.block_sparse_moe = ShardedSparseMoE(local, group)
         else:
             layer.mlp = ShardedMLP(local.hidden_size, local.intermediate_size, group)
-

@@ -36,19 +36,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mlx_mixtral.generate import GenerationResponse, prompt_ids
 from mlx_mixtral.sampling import validate_token_ids
 from mlx_mixtral.server.protocol import APIError, ChatAnswer, CompletionAnswer, Limits, generation_options, sse
-from mlx_mixtral.server.schema import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
-                            CompletionRequest, ErrorResponse, Health, ModelCard, ModelList)
+from mlx_mixtral.server.schema import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from mlx_mixtral.server.worker import Finished, Job, ShuttingDown, Worker
 
 log = logging.getLogger("mlx_mixtral.server")
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # The page loads nothing from elsewhere (it works offline) and talks only to this server.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
-                                           "form-action 'none'; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API key", 404: "unknown model",
-                  413: "request body too large", 500: "server fault", 503: "the server is shutting down"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+ERROR_STATUSES = {
+    400: "bad input",
+    401: "missing or wrong API key",
+    404: "unknown model",
+    413: "request body too large",
+    500: "server fault",
+    503: "the server is shutting down",
+}
 
 
 @dataclass
@@ -87,17 +105,22 @@ class Guard:
             return await self.app(scope, receive, send)
         headers, s = Headers(scope=scope), self.settings
         if s.allowed_hosts is not None and _host_name(headers.get("host", "")) not in s.allowed_hosts:
-            return await _error(400, f"Host header {headers.get('host', '')!r} is not one this server answers to",
-                                code="invalid_host")(scope, receive, send)
+            return await _error(
+                400, f"Host header {headers.get('host', '')!r} is not one this server answers to", code="invalid_host"
+            )(scope, receive, send)
         if s.api_key is not None and scope["path"].startswith("/v1/") and not _authorized(headers, s.api_key):
-            response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
+            response = _error(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
             response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_big = _error(413, f"request body is larger than this server's limit of {s.max_body_bytes} bytes",
-                         code="request_too_large")
+        too_big = _error(
+            413,
+            f"request body is larger than this server's limit of {s.max_body_bytes} bytes",
+            code="request_too_large",
+        )
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > s.max_body_bytes):
             return await too_big(scope, receive, send)
@@ -147,8 +170,9 @@ class EventStream(StreamingResponse):
     cut short because the client disconnected (Starlette then cancels the streaming task)."""
 
     def __init__(self, job: Job, events: AsyncIterator[str]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.job = job
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -200,15 +224,26 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         yield
         await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="mlx-mixtral", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description="OpenAI-compatible API for one local model.", responses=errors)
+    app = FastAPI(
+        title="mlx-mixtral",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        description="OpenAI-compatible API for one local model.",
+        responses=errors,
+    )
     app.state.worker = worker
     app.add_middleware(Guard, settings=settings)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -233,8 +268,12 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_id:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_id!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {settings.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def card() -> dict[str, Any]:
         return {"id": settings.model_id, "object": "model", "created": started, "owned_by": "mlx-mixtral"}
@@ -247,8 +286,14 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_id, "busy": worker.busy, "queued": worker.queued,
-                **worker.stats, "prompt_cache_entries": worker.engine.cache_entries()}
+        return {
+            "status": "ok",
+            "model": settings.model_id,
+            "busy": worker.busy,
+            "queued": worker.queued,
+            **worker.stats,
+            "prompt_cache_entries": worker.engine.cache_entries(),
+        }
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
@@ -260,15 +305,22 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         return card()
 
     def stream_doc(chunk: str) -> dict:
-        return {200: {"content": {"text/event-stream": {"schema": _event_schema(chunk)}},
-                      "description": f"JSON, or server-sent events of {chunk} when `stream` is true"}}
+        return {
+            200: {
+                "content": {"text/event-stream": {"schema": _event_schema(chunk)}},
+                "description": f"JSON, or server-sent events of {chunk} when `stream` is true",
+            }
+        }
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=stream_doc("ChatCompletionChunk"))
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         check_model(req.model)
         if len(req.messages) > settings.max_messages:
-            raise APIError(400, f"messages has {len(req.messages)} entries; this server allows at most "
-                                f"{settings.max_messages}", param="messages")
+            raise APIError(
+                400,
+                f"messages has {len(req.messages)} entries; this server allows at most {settings.max_messages}",
+                param="messages",
+            )
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
             ids = await run_in_threadpool(tokenizer.apply_chat_template, messages, True, settings.chat_template)
@@ -289,8 +341,13 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         answer = CompletionAnswer(settings.model_id, tokenizer, len(ids), req.logprobs)
         return await respond(ids, options, answer, req, request)
 
-    async def respond(ids: list[int], options: dict[str, Any], answer: ChatAnswer | CompletionAnswer,
-                      req: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
+    async def respond(
+        ids: list[int],
+        options: dict[str, Any],
+        answer: ChatAnswer | CompletionAnswer,
+        req: ChatCompletionRequest | CompletionRequest,
+        request: Request,
+    ) -> Any:
         """Queue one generation; stream its events, or wait and return the whole answer."""
         job = Job(ids, options, asyncio.get_running_loop())
         worker.submit(job)
@@ -305,8 +362,9 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             # The streamed chunk is documented only inside the event-stream schema; add its definition.
-            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}",
-                                                          mode="serialization")
+            chunk = ChatCompletionChunk.model_json_schema(
+                ref_template="#/components/schemas/{model}", mode="serialization"
+            )
             schemas = doc["components"]["schemas"]
             for name, definition in chunk.pop("$defs", {}).items():
                 schemas.setdefault(name, definition)
@@ -320,19 +378,23 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
 def _event_schema(chunk: str) -> dict[str, Any]:
     """One server-sent event: `data` is a JSON chunk (or an error object), and the last is [DONE]."""
-    json_data = {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
-                                             {"$ref": "#/components/schemas/ErrorResponse"}]}}
-    return {"type": "object", "required": ["data"],
-            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {
+            "anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"}]
+        },
+    }
+    return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
 
 
 def _completion_prompt(tokenizer: Any, prompt: Any, vocab_size: int) -> list[int]:
     """Token ids of a completions prompt: text (encoded with BOS) or ids; a list holds one prompt."""
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
-            raise APIError(400, f"prompt holds {len(prompt)} prompts; this server takes one per request",
-                           param="prompt")
+            raise APIError(
+                400, f"prompt holds {len(prompt)} prompts; this server takes one per request", param="prompt"
+            )
         prompt = prompt[0]
     ids = prompt_ids(tokenizer, prompt)
     if not ids:

@@ -24,8 +24,15 @@ from mlx_mixtral.server.schema import MAX_STOP, _Sampling
 class APIError(Exception):
     """An error the client caused (or a server fault), answered as OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -40,31 +47,46 @@ class Limits:
     vocab_size: int
 
 
-def generation_options(req: _Sampling, prompt_len: int, max_tokens: int | None, limits: Limits,
-                       top_logprobs: int | None) -> dict[str, Any]:
+def generation_options(
+    req: _Sampling, prompt_len: int, max_tokens: int | None, limits: Limits, top_logprobs: int | None
+) -> dict[str, Any]:
     """stream_generate's keyword options for a request whose prompt is `prompt_len` tokens and that
     asks for `top_logprobs` alternatives per token (None: no logprobs at all)."""
     if max_tokens is not None and max_tokens > limits.max_tokens_cap:
-        raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of {limits.max_tokens_cap}",
-                       param="max_tokens", code="invalid_value")
+        raise APIError(
+            400,
+            f"max_tokens is {max_tokens}, above this server's limit of {limits.max_tokens_cap}",
+            param="max_tokens",
+            code="invalid_value",
+        )
     limit = limits.max_tokens_cap if max_tokens is None else max_tokens
     if limits.context_length is not None:
         room = limits.context_length - prompt_len
         if room < 1:
-            raise APIError(400, f"the prompt is {prompt_len} tokens and the model's context is "
-                                f"{limits.context_length} tokens; shorten the messages",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt is {prompt_len} tokens and the model's context is "
+                f"{limits.context_length} tokens; shorten the messages",
+                param="messages",
+                code="context_length_exceeded",
+            )
         limit = min(limit, room)  # answers end with finish_reason "length" where the context does
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise APIError(400, f"stop has {len(stop)} sequences; at most {MAX_STOP} are allowed", param="stop")
-    options = dict(max_tokens=limit, temperature=1.0 if req.temperature is None else req.temperature,
-                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-                   repetition_penalty=req.repetition_penalty, stop=stop,
-                   # stream_generate reports the chosen token's logprob only with logprobs >= 1.
-                   logprobs=0 if top_logprobs is None else max(top_logprobs, 1),
-                   seed=None if req.seed is None else req.seed % 2**64,
-                   logit_bias=_logit_bias(req.logit_bias, limits.vocab_size))
+    options = dict(
+        max_tokens=limit,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty,
+        stop=stop,
+        # stream_generate reports the chosen token's logprob only with logprobs >= 1.
+        logprobs=0 if top_logprobs is None else max(top_logprobs, 1),
+        seed=None if req.seed is None else req.seed % 2**64,
+        logit_bias=_logit_bias(req.logit_bias, limits.vocab_size),
+    )
     try:  # the sampler's own checks, here so that a bad value is a 400 before anything is queued
         make_sampler(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
     except ValueError as e:
@@ -80,8 +102,7 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
         if not re.fullmatch(r"\d{1,9}", key) or int(key) >= vocab_size:
             raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
         if not -100.0 <= value <= 100.0:
-            raise APIError(400, f"logit_bias value {value} for token {key} is outside [-100, 100]",
-                           param="logit_bias")
+            raise APIError(400, f"logit_bias value {value} for token {key} is outside [-100, 100]", param="logit_bias")
         out[int(key)] = value
     return out
 
@@ -108,9 +129,12 @@ def chat_logprob(tokenizer: Any, r: GenerationResponse, top: int) -> dict[str, A
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -176,14 +200,23 @@ class ChatAnswer(_Answer):
 
     def response(self, cached_tokens: int) -> dict[str, Any]:
         logprobs = {"content": self.logprobs} if self.top is not None else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
-                  "logprobs": logprobs, "finish_reason": self.finish_reason()}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(self.text)},
+            "logprobs": logprobs,
+            "finish_reason": self.finish_reason(),
+        }
         return {**self.head(self.object_name), "choices": [choice], "usage": self.usage(cached_tokens)}
 
-    def _chunk(self, delta: dict[str, Any], logprob: dict[str, Any] | None = None,
-               finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None if logprob is None else {"content": [logprob]},
-                  "finish_reason": finish_reason}
+    def _chunk(
+        self, delta: dict[str, Any], logprob: dict[str, Any] | None = None, finish_reason: str | None = None
+    ) -> str:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None if logprob is None else {"content": [logprob]},
+            "finish_reason": finish_reason,
+        }
         return sse({**self.head(self.chunk_name), "choices": [choice]})
 
     def opening(self) -> list[str]:
@@ -223,8 +256,7 @@ class CompletionAnswer(_Answer):
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def response(self, cached_tokens: int) -> dict[str, Any]:
-        choice = self._choice("".join(self.text), self.logprobs if self.top is not None else None,
-                              self.finish_reason())
+        choice = self._choice("".join(self.text), self.logprobs if self.top is not None else None, self.finish_reason())
         return {**self.head(self.object_name), "choices": [choice], "usage": self.usage(cached_tokens)}
 
     def stream(self, r: GenerationResponse) -> list[str]:

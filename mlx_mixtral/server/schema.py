@@ -30,6 +30,7 @@ FinishReason = Optional[Literal["stop", "length"]]  # None until the last token
 
 # --- errors ------------------------------------------------------------------------------------------
 
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -42,6 +43,7 @@ class ErrorResponse(BaseModel):
 
 
 # --- requests ----------------------------------------------------------------------------------------
+
 
 class TextPart(_Request):
     type: Literal["text"]
@@ -92,7 +94,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
-        ..., description="text or token ids; a list holds exactly one prompt")
+        ..., description="text or token ids; a list holds exactly one prompt"
+    )
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = Field(False, description="not supported: must be false")
     suffix: Optional[str] = Field(None, description="not supported: must be null")
@@ -100,6 +103,7 @@ class CompletionRequest(_Sampling):
 
 
 # --- responses ---------------------------------------------------------------------------------------
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(..., description="prompt tokens taken from the prefix cache instead of computed")
@@ -218,5 +222,6 @@ class Health(BaseModel):
     cancelled: int = Field(..., description="generations stopped because their client went away")
     failed: int
     generated_tokens: int
-    prompt_cache_entries: Optional[int] = Field(..., description="conversations kept in the prefix cache "
-                                                                 "(null with --distributed)")
+    prompt_cache_entries: Optional[int] = Field(
+        ..., description="conversations kept in the prefix cache (null with --distributed)"
+    )

@@ -30,9 +30,9 @@ class AddedToken:
 
     id: int
     content: str
-    special: bool = True       # dropped by decode(skip_special=True)
-    lstrip: bool = False       # also swallows the whitespace on its left
-    rstrip: bool = False       # ... and on its right
+    special: bool = True  # dropped by decode(skip_special=True)
+    lstrip: bool = False  # also swallows the whitespace on its left
+    rstrip: bool = False  # ... and on its right
     single_word: bool = False  # matches only as a whole word
 
 
@@ -78,6 +78,7 @@ class AddedTokenSplitter:
 
 
 # --- SentencePiece -------------------------------------------------------------------------------
+
 
 def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
     value = shift = 0
@@ -161,8 +162,9 @@ class SentencePieceBackend:
         n = self.sp.get_piece_size()
         # transformers turns control pieces (<s>, </s>, [INST], ...) and the unknown piece into special
         # added tokens; user-defined pieces stay with SentencePiece, which already emits them whole.
-        tokens = {i: AddedToken(i, self.sp.id_to_piece(i)) for i in range(n)
-                  if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        tokens = {
+            i: AddedToken(i, self.sp.id_to_piece(i)) for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)
+        }
         for t in added:
             # An added token whose text is already a piece keeps the piece's id (tokenizers reuses it).
             piece = self.sp.piece_to_id(t.content)
@@ -198,8 +200,7 @@ class SentencePieceBackend:
         if self._sp_no_prefix is None:
             import sentencepiece
 
-            self._sp_no_prefix = sentencepiece.SentencePieceProcessor(
-                model_proto=without_dummy_prefix(self._proto))
+            self._sp_no_prefix = sentencepiece.SentencePieceProcessor(model_proto=without_dummy_prefix(self._proto))
         return self._sp_no_prefix.encode(run)
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
@@ -219,12 +220,12 @@ class SentencePieceBackend:
     def piece_table(self) -> PieceTable:
         if self._table is None:
             pieces = [self.id_to_token(i) for i in range(self.vocab_size)]
-            self._table = PieceTable.from_pieces(pieces, self.special_ids,
-                                                 strip_left=1 if self.add_dummy_prefix else 0)
+            self._table = PieceTable.from_pieces(pieces, self.special_ids, strip_left=1 if self.add_dummy_prefix else 0)
         return self._table
 
 
 # --- tokenizers (tokenizer.json) -----------------------------------------------------------------
+
 
 def _decoder_steps(decoder: dict | None) -> list[dict]:
     if decoder is None:
@@ -266,11 +267,24 @@ class TokenizersBackend:
         self._json = tokenizer_json
         self.tok = HFTokenizer.from_file(str(path)) if path else HFTokenizer.from_str(json.dumps(tokenizer_json))
         known = {t["id"] for t in tokenizer_json.get("added_tokens", [])}
-        missing = [t for t in sorted(extra_added, key=lambda t: t.id)
-                   if t.id not in known and self.tok.token_to_id(t.content) is None]
+        missing = [
+            t
+            for t in sorted(extra_added, key=lambda t: t.id)
+            if t.id not in known and self.tok.token_to_id(t.content) is None
+        ]
         for t in missing:  # as transformers does for tokens named only in tokenizer_config.json
-            self.tok.add_tokens([HFAddedToken(t.content, special=t.special, lstrip=t.lstrip, rstrip=t.rstrip,
-                                              single_word=t.single_word, normalized=False)])
+            self.tok.add_tokens(
+                [
+                    HFAddedToken(
+                        t.content,
+                        special=t.special,
+                        lstrip=t.lstrip,
+                        rstrip=t.rstrip,
+                        single_word=t.single_word,
+                        normalized=False,
+                    )
+                ]
+            )
         specials = {t["id"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
         self.special_ids = frozenset(specials | {t.id for t in missing if t.special})
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)

@@ -32,8 +32,11 @@ import json
 MISTRAL_V1, MISTRAL_V3, JINJA = "mistral-v1", "mistral-v3", "jinja"
 _ROLES = ("system", "user", "assistant")
 # mistral-common's allowed successor roles (validator._validate_message_order, tool role left out).
-_NEXT_ROLES = {"system": {"system", "user", "assistant"}, "user": {"user", "assistant", "system"},
-               "assistant": {"assistant", "user"}}
+_NEXT_ROLES = {
+    "system": {"system", "user", "assistant"},
+    "user": {"user", "assistant", "system"},
+    "assistant": {"assistant", "user"},
+}
 _JOIN = "\n\n"
 
 
@@ -52,8 +55,7 @@ def _text(message: Mapping, index: int) -> str:
             if part["text"]:
                 parts.append(part["text"])
         return _JOIN.join(parts)
-    raise ValueError(f"message {index}: content must be a string or a list of text parts, "
-                     f"got {type(content).__name__}")
+    raise ValueError(f"message {index}: content must be a string or a list of text parts, got {type(content).__name__}")
 
 
 def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[str, str]]:
@@ -66,8 +68,10 @@ def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[
             raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
         if role not in _ROLES:
-            raise ValueError(f"message {i}: role {role!r} is not supported by the Mistral format "
-                             f"(expected one of {', '.join(_ROLES)})")
+            raise ValueError(
+                f"message {i}: role {role!r} is not supported by the Mistral format "
+                f"(expected one of {', '.join(_ROLES)})"
+            )
         if role == "system" and message.get("content") is None:
             raise ValueError(f"message {i}: system message has no content")
         text = _text(message, i)
@@ -79,9 +83,11 @@ def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[
     if len(pairs) == 1 and pairs[0][0] == "assistant":
         raise ValueError("message 0: a conversation of one message must start with a user or system message")
     if pairs[-1][0] == "assistant" and not final_assistant and len(pairs) > 1:
-        raise ValueError("the last message is an assistant message: a prompt for a new answer must end with a "
-                         "user message (pass add_generation_prompt=False to encode a finished conversation, or "
-                         "continue_final_message=True to continue that answer)")
+        raise ValueError(
+            "the last message is an assistant message: a prompt for a new answer must end with a "
+            "user message (pass add_generation_prompt=False to encode a finished conversation, or "
+            "continue_final_message=True to continue that answer)"
+        )
     return pairs
 
 
@@ -103,9 +109,17 @@ def _normalize(pairs: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str
     return (_JOIN.join(system) if system else None), turns
 
 
-def encode_mistral(messages: Sequence[Mapping], *, version: str, encode: Callable[[str], list[int]],
-                   bos_id: int, eos_id: int, inst_ids: tuple[int, int] | None = None,
-                   add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+def encode_mistral(
+    messages: Sequence[Mapping],
+    *,
+    version: str,
+    encode: Callable[[str], list[int]],
+    bos_id: int,
+    eos_id: int,
+    inst_ids: tuple[int, int] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
     """Token ids of a conversation in Mistral's instruct format v1 or v3 (see the module docstring)."""
     if continue_final_message and (not messages or (messages[-1] or {}).get("role") != "assistant"):
         raise ValueError("continue_final_message=True needs an assistant message last")
@@ -113,8 +127,9 @@ def encode_mistral(messages: Sequence[Mapping], *, version: str, encode: Callabl
     system, turns = _normalize(pairs)
     users = [i for i, (role, _) in enumerate(turns) if role == "user"]
     if version == MISTRAL_V3 and inst_ids is None:
-        raise ValueError("the mistral-v3 format needs the [INST] and [/INST] control tokens, "
-                         "which this tokenizer does not have")
+        raise ValueError(
+            "the mistral-v3 format needs the [INST] and [/INST] control tokens, which this tokenizer does not have"
+        )
     ids = [bos_id]
     for i, (role, text) in enumerate(turns):
         if role == "user":
@@ -134,6 +149,7 @@ def encode_mistral(messages: Sequence[Mapping], *, version: str, encode: Callabl
 
 
 # --- Jinja ----------------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=16)
 def _compile(source: str):
@@ -160,8 +176,9 @@ def _compile(source: str):
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -174,9 +191,15 @@ def _compile(source: str):
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where a continued answer ends, then is cut off
 
 
-def render_jinja(source: str, messages: Sequence[Mapping], *, special_tokens: Mapping[str, str],
-                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                 **variables) -> str:
+def render_jinja(
+    source: str,
+    messages: Sequence[Mapping],
+    *,
+    special_tokens: Mapping[str, str],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    **variables,
+) -> str:
     """The prompt text a Jinja chat template makes of a conversation."""
     import jinja2
 
@@ -193,8 +216,11 @@ def render_jinja(source: str, messages: Sequence[Mapping], *, special_tokens: Ma
     template = _compile(source)
     try:
         # transformers always passes tools and documents (None unless given) next to the special tokens.
-        text = template.render(messages=chat, add_generation_prompt=add_generation_prompt,
-                               **{"tools": None, "documents": None, **special_tokens, **variables})
+        text = template.render(
+            messages=chat,
+            add_generation_prompt=add_generation_prompt,
+            **{"tools": None, "documents": None, **special_tokens, **variables},
+        )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError("chat template: " + " ".join(str(e).split())) from None
     if final is not None:
@@ -203,5 +229,5 @@ def render_jinja(source: str, messages: Sequence[Mapping], *, special_tokens: Ma
             raise ValueError("continue_final_message=True but the chat template dropped the final message")
         cut = text.rindex(tag)
         # Keep the answer exactly as given; a template that trims the message loses its trailing space.
-        text = text[:cut] if text[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:cut].rstrip()
+        text = text[:cut] if text[cut : cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:cut].rstrip()
     return text

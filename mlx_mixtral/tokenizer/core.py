@@ -24,9 +24,18 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """Text <-> token ids, chat prompts and streaming decoding for one model directory."""
 
-    def __init__(self, backend: SentencePieceBackend | TokenizersBackend, *, special_tokens: Mapping[str, str],
-                 prefix: Sequence[int], suffix: Sequence[int], eos_token_id: int, extra_eos_ids: Sequence[int] = (),
-                 chat_templates: Mapping[str, str] | None = None, name: str = ""):
+    def __init__(
+        self,
+        backend: SentencePieceBackend | TokenizersBackend,
+        *,
+        special_tokens: Mapping[str, str],
+        prefix: Sequence[int],
+        suffix: Sequence[int],
+        eos_token_id: int,
+        extra_eos_ids: Sequence[int] = (),
+        chat_templates: Mapping[str, str] | None = None,
+        name: str = "",
+    ):
         self._backend = backend
         self.special_tokens = dict(special_tokens)  # bos_token, eos_token, ... as strings (Jinja variables)
         self._prefix, self._suffix = list(prefix), list(suffix)
@@ -38,12 +47,17 @@ class Tokenizer:
         self.chat_templates = dict(chat_templates or {})  # name -> Jinja source; "default" is the model's own
         self.name = name
         inst, end_inst = backend.token_to_id("[INST]"), backend.token_to_id("[/INST]")
-        self._inst_ids = (inst, end_inst) if (inst is not None and end_inst is not None
-                                             and {inst, end_inst} <= backend.special_ids) else None
+        self._inst_ids = (
+            (inst, end_inst)
+            if (inst is not None and end_inst is not None and {inst, end_inst} <= backend.special_ids)
+            else None
+        )
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.name!r}, {type(self._backend).__name__}, vocab_size={self.vocab_size}, "
-                f"chat_template={self.chat_template_name!r})")
+        return (
+            f"Tokenizer({self.name!r}, {type(self._backend).__name__}, vocab_size={self.vocab_size}, "
+            f"chat_template={self.chat_template_name!r})"
+        )
 
     # --- text <-> ids ---------------------------------------------------------------------------
 
@@ -106,25 +120,44 @@ class Tokenizer:
         if "{{" in name or "{%" in name:
             return name
         if name == "default":
-            raise ValueError(f"{self.name or 'this tokenizer'}: no Jinja chat template (chat_template in "
-                             f"tokenizer_config.json or chat_template.jinja); use mistral-v1 or mistral-v3")
+            raise ValueError(
+                f"{self.name or 'this tokenizer'}: no Jinja chat template (chat_template in "
+                f"tokenizer_config.json or chat_template.jinja); use mistral-v1 or mistral-v3"
+            )
         known = [MISTRAL_V1, MISTRAL_V3, JINJA, *sorted(k for k in self.chat_templates if k != "default")]
         raise ValueError(f"unknown chat template {name!r}: expected one of {', '.join(known)} or Jinja source")
 
-    def render_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                             template: str | None = None, *, continue_final_message: bool = False,
-                             **variables) -> str:
+    def render_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+        *,
+        continue_final_message: bool = False,
+        **variables,
+    ) -> str:
         """The prompt text of a Jinja chat template (the Mistral formats are token-level, not text)."""
         source = self._jinja_source(template)
         if source is None:
             raise ValueError("render_chat_template needs a Jinja template; the Mistral formats build tokens")
-        return render_jinja(source, messages, special_tokens=self.special_tokens,
-                            add_generation_prompt=add_generation_prompt,
-                            continue_final_message=continue_final_message, **variables)
+        return render_jinja(
+            source,
+            messages,
+            special_tokens=self.special_tokens,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **variables,
+        )
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            template: str | None = None, *, continue_final_message: bool = False,
-                            **variables) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+        *,
+        continue_final_message: bool = False,
+        **variables,
+    ) -> list[int]:
         """Token ids of a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
 
         template: None picks automatically (see chat_template_name); "mistral-v1", "mistral-v3",
@@ -135,15 +168,26 @@ class Tokenizer:
         """
         source = self._jinja_source(template)
         if source is not None:
-            text = render_jinja(source, messages, special_tokens=self.special_tokens,
-                                add_generation_prompt=add_generation_prompt,
-                                continue_final_message=continue_final_message, **variables)
+            text = render_jinja(
+                source,
+                messages,
+                special_tokens=self.special_tokens,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **variables,
+            )
             # As transformers: the template writes BOS itself, so no special tokens are added here.
             return self.encode(text, bos=False)
         version = self.chat_template_name if template is None else template
         if self.bos_token_id is None:
             raise ValueError("the Mistral chat format needs a BOS token, which this tokenizer does not have")
-        return encode_mistral(messages, version=version, encode=self._backend.encode_raw,
-                              bos_id=self.bos_token_id, eos_id=self.eos_token_id, inst_ids=self._inst_ids,
-                              add_generation_prompt=add_generation_prompt,
-                              continue_final_message=continue_final_message)
+        return encode_mistral(
+            messages,
+            version=version,
+            encode=self._backend.encode_raw,
+            bos_id=self.bos_token_id,
+            eos_id=self.eos_token_id,
+            inst_ids=self._inst_ids,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )

@@ -32,14 +32,21 @@ BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
 class PieceTable:
     """Per-id decoding facts of a SentencePiece-family tokenizer."""
 
-    texts: Sequence[str | None]   # piece with "▁" already turned into " "; None for an id the tokenizer lacks
-    byte_values: Sequence[int]    # the byte of a <0xHH> piece, -1 for any other piece
-    special: frozenset[int]       # ids dropped by decode(skip_special=True)
-    strip_left: int               # leading spaces removed from the whole text (1 with a dummy prefix)
+    texts: Sequence[str | None]  # piece with "▁" already turned into " "; None for an id the tokenizer lacks
+    byte_values: Sequence[int]  # the byte of a <0xHH> piece, -1 for any other piece
+    special: frozenset[int]  # ids dropped by decode(skip_special=True)
+    strip_left: int  # leading spaces removed from the whole text (1 with a dummy prefix)
 
     @classmethod
-    def from_pieces(cls, pieces: Sequence[str | None], special: frozenset[int], *, strip_left: int,
-                    space_piece: str | None = SPACE, byte_fallback: bool = True) -> PieceTable:
+    def from_pieces(
+        cls,
+        pieces: Sequence[str | None],
+        special: frozenset[int],
+        *,
+        strip_left: int,
+        space_piece: str | None = SPACE,
+        byte_fallback: bool = True,
+    ) -> PieceTable:
         texts, byte_values = [], []
         for piece in pieces:
             match = BYTE_PIECE.fullmatch(piece) if (byte_fallback and piece is not None) else None
@@ -129,26 +136,26 @@ class WindowDetokenizer:
         # `context`: tokens already shown (e.g. the end of the prompt) that the window starts from,
         # so that the first new token decodes as a continuation rather than as the start of a text.
         self._ids: list[int] = [int(i) for i in context]
-        self._prefix = 0               # window start
-        self._read = len(self._ids)    # tokens up to here have been emitted
+        self._prefix = 0  # window start
+        self._read = len(self._ids)  # tokens up to here have been emitted
 
     def add_token(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        window = self._ids[self._prefix:]
+        window = self._ids[self._prefix :]
         text = self._decode(window)
-        done = self._decode(self._ids[self._prefix:self._read])
+        done = self._decode(self._ids[self._prefix : self._read])
         if len(text) <= len(done) or text.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         # Forget tokens that can no longer be part of any window, so memory stays bounded too.
-        del self._ids[:self._prefix]
+        del self._ids[: self._prefix]
         self._read -= self._prefix
         self._prefix = 0
-        return text[len(done):]
+        return text[len(done) :]
 
     def finalize(self) -> str:
-        text = self._decode(self._ids[self._prefix:])
-        done = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix :])
+        done = self._decode(self._ids[self._prefix : self._read])
         self._ids.clear()
         self._prefix = self._read = 0
-        return text[len(done):]
+        return text[len(done) :]

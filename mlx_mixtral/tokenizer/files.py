@@ -21,6 +21,7 @@ from typing import Any
 from mlx_mixtral.tokenizer.backends import AddedToken, SentencePieceBackend, TokenizersBackend
 from mlx_mixtral.tokenizer.core import NAMED_TOKENS, Tokenizer, TokenizerError
 
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -43,9 +44,14 @@ def _token_text(value: Any) -> str | None:
 
 def _added_token(token_id: Any, entry: Mapping, source: Path) -> AddedToken:
     try:
-        return AddedToken(int(token_id), str(entry["content"]), special=bool(entry.get("special", False)),
-                          lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
-                          single_word=bool(entry.get("single_word", False)))
+        return AddedToken(
+            int(token_id),
+            str(entry["content"]),
+            special=bool(entry.get("special", False)),
+            lstrip=bool(entry.get("lstrip", False)),
+            rstrip=bool(entry.get("rstrip", False)),
+            single_word=bool(entry.get("single_word", False)),
+        )
     except (KeyError, TypeError, ValueError):
         raise TokenizerError(f"{source}: bad added token {token_id!r}: {dict(entry)!r:.120}") from None
 
@@ -170,8 +176,9 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         except Exception as e:  # the tokenizers library raises its own exception type
             raise TokenizerError(f"{json_path}: cannot load ({' '.join(str(e).split())})") from None
     else:
-        raise TokenizerError(f"{model_dir}: no tokenizer found (looked for tokenizer.model, "
-                             f"tokenizer.model.v*, tokenizer.json)")
+        raise TokenizerError(
+            f"{model_dir}: no tokenizer found (looked for tokenizer.model, tokenizer.model.v*, tokenizer.json)"
+        )
 
     gen_path = model_dir / "generation_config.json"
     if not gen_path.is_file():  # transformers derives the generation config from config.json then
@@ -182,11 +189,20 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     if eos_id is None:
         eos_id = extra_eos[0] if extra_eos else backend.token_to_id("</s>")
     if eos_id is None:
-        raise TokenizerError(f"{model_dir}: no end-of-sequence token (eos_token in tokenizer_config.json or "
-                             f"special_tokens_map.json, or eos_token_id in generation_config.json)")
+        raise TokenizerError(
+            f"{model_dir}: no end-of-sequence token (eos_token in tokenizer_config.json or "
+            f"special_tokens_map.json, or eos_token_id in generation_config.json)"
+        )
     bos_text = special_tokens.get("bos_token")
     bos_id = backend.token_to_id(bos_text) if bos_text is not None else None
     prefix, suffix = _affixes(config, tokenizer_json, bos_id, eos_id)
-    return Tokenizer(backend, special_tokens=special_tokens, prefix=prefix, suffix=suffix, eos_token_id=eos_id,
-                     extra_eos_ids=extra_eos, chat_templates=_chat_templates(model_dir, config),
-                     name=str(model_dir))
+    return Tokenizer(
+        backend,
+        special_tokens=special_tokens,
+        prefix=prefix,
+        suffix=suffix,
+        eos_token_id=eos_id,
+        extra_eos_ids=extra_eos,
+        chat_templates=_chat_templates(model_dir, config),
+        name=str(model_dir),
+    )

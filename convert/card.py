@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlx_mixtral.weights import INDEX_NAME
-
 from mlx_mixtral.convert.errors import ConvertError
 from mlx_mixtral.convert.source import Source
+from mlx_mixtral.weights import INDEX_NAME
 
 
 def model_stats(model_dir: Path) -> dict:

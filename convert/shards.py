@@ -20,9 +20,8 @@ from typing import BinaryIO
 
 import mlx.core as mx
 
-from mlx_mixtral.weights import INDEX_NAME
-
 from mlx_mixtral.convert.errors import ConvertError
+from mlx_mixtral.weights import INDEX_NAME
 
 _DTYPE_NAMES = {
     mx.float32: "F32",

@@ -81,7 +81,7 @@ class KVCache:
         return {"offset": str(self.offset)}
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, meta: dict[str, str]) -> "KVCache":
+    def from_state(cls, keys: mx.array, values: mx.array, meta: dict[str, str]) -> KVCache:
         cache = cls()
         cache.keys, cache.values, cache.offset = keys, values, int(meta["offset"])
         return cache
@@ -155,7 +155,7 @@ class RotatingKVCache:
         return {"offset": str(self.offset), "max_size": str(self.max_size)}
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, meta: dict[str, str]) -> "RotatingKVCache":
+    def from_state(cls, keys: mx.array, values: mx.array, meta: dict[str, str]) -> RotatingKVCache:
         cache = cls(int(meta["max_size"]))
         cache.keys, cache.values, cache.offset = keys, values, int(meta["offset"])
         cache._write = keys.shape[2] % cache.max_size

@@ -17,8 +17,9 @@ chat never runs out of room but forgets what fell out of the window.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlx_mixtral.cache import Cache, load_prompt_cache, save_prompt_cache
 from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_generate
@@ -168,7 +169,7 @@ class ChatSession:
         save_prompt_cache(path, self.cache, meta)
 
     @classmethod
-    def load(cls, path: str | Path, model: Any, tokenizer: Any, **kwargs: Any) -> "ChatSession":
+    def load(cls, path: str | Path, model: Any, tokenizer: Any, **kwargs: Any) -> ChatSession:
         """A session saved by `save`, continuing exactly where it stopped, on the same model."""
         cache, meta = load_prompt_cache(path)
         if meta.get("format") != SESSION_FORMAT:

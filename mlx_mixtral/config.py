@@ -71,7 +71,7 @@ class ModelArgs:
         return self.num_local_experts > 0
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a Hugging Face config.json dict (or Mistral params.json, detected by its keys)."""
         if "dim" in config and "n_layers" in config:
             return cls.from_params(config)
@@ -99,7 +99,7 @@ class ModelArgs:
         return cls(**values)
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
+    def from_params(cls, params: dict[str, Any]) -> ModelArgs:
         """Mistral's native `params.json` (dim, n_layers, n_heads, ..., optional `moe` section)."""
         missing = [k for k in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size") if k not in params]
         if missing:

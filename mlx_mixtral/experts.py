@@ -61,7 +61,7 @@ class SwitchLinear(nn.Module):
             return out.astype(x.dtype)
         return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedSwitchLinear":
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> QuantizedSwitchLinear:
         num_experts, output_dims, input_dims = self.weight.shape
         layer = QuantizedSwitchLinear(input_dims, output_dims, num_experts, group_size, bits, mode)
         layer.set_weight(self.weight)

@@ -13,7 +13,8 @@ its cache in place), so one cache never serves two requests; only the worker thr
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from mlx_mixtral.cache import Cache, KVCache
 from mlx_mixtral.chat import common_prefix_length, held_ids, reuse_cache

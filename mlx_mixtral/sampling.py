@@ -12,7 +12,8 @@ distribution), so a sampling configuration means the same thing here as there.
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import mlx.core as mx
 

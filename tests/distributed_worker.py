@@ -28,9 +28,9 @@ from mlx_mixtral.distributed.group import (
     lead,
     release_followers,
 )
-from mlx_mixtral.loader import LoadError
 from mlx_mixtral.distributed.loader import load_sharded
 from mlx_mixtral.distributed.sharding import ShardError, describe
+from mlx_mixtral.loader import LoadError
 
 PROMPT = [1, 17, 93, 5, 64, 101, 3, 77, 12, 45, 8]
 

@@ -15,11 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
+from tiny_models import add_tokenizer
 
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.model import Mixtral
 from mlx_mixtral.tokenizer import load_tokenizer
-from tiny_models import add_tokenizer
 
 # The truth text: "the" is followed by different words, so attention and positions must carry
 # the context; a model that only learned bigrams cannot reproduce it.
@@ -119,7 +119,7 @@ def training_steps(tmp_path_factory) -> int:
     return _memorized(str(tmp_path_factory.getbasetemp() / "memorized"))[2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _memorized(root: str) -> tuple[Path, Path, int]:
     from mlx_mixtral.convert import convert
 

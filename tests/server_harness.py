@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from tiny_models import add_tokenizer, make_hf_checkpoint, mistral_tokenizer_path
 
 CONTEXT = 2048  # the tiny model's max_position_embeddings: long prompts are cheap to exceed
@@ -118,7 +117,6 @@ class Reference:
         import sentencepiece
         import torch
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
         from tiny_models import load_hf_model
 
         self.torch = torch

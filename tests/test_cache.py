@@ -3,10 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_models import make_hf_checkpoint
 
 from mlx_mixtral import KVCache, RotatingKVCache, load_model, load_prompt_cache, save_prompt_cache
 from mlx_mixtral.cache import Cache
-from tiny_models import make_hf_checkpoint
 
 TOL = 1e-4  # float32 logits of O(1); a wrong mask/position changes them by O(1e-1)
 

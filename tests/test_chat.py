@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from memorized import TRANSCRIPT, memorized_4bit
+from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
+
 from mlx_mixtral import load
 from mlx_mixtral.chat import ChatSession, ContextLimitError, common_prefix_length
 from mlx_mixtral.generate import generate_step
-from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 
 class CountingModel:

@@ -1,16 +1,16 @@
 """Chat prompts against mistral-common (Mistral v1/v3 formats) and transformers (Jinja templates)."""
 
 import json
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-from mlx_mixtral.tokenizer import load_tokenizer
 from tiny_models import mistral_tokenizer_path
 from tokenizer_fixtures import hf_tokenizer, loaded_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
+
+from mlx_mixtral.tokenizer import load_tokenizer
 
 
 def U(content):  # noqa: N802 - short names keep the conversations readable
@@ -47,7 +47,7 @@ CONVERSATIONS = [
 MISTRAL_KINDS = ["v1", "v1-json", "v3", "v3-json", "v1-nonlegacy-json", "v1-nonlegacy-both", "v3-hubjson"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mistral_common(version: str, mode: ValidationMode = ValidationMode.test) -> MistralTokenizer:
     return MistralTokenizer.from_file(str(mistral_tokenizer_path(version)), mode=mode)
 
@@ -97,7 +97,7 @@ REJECTED = [
 def test_rejected_conversations_raise_one_line_value_errors(version):
     tok = loaded_tokenizer(version)
     for messages in REJECTED:
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (mistral-common raises several exception types)
             _reference(version, messages)
         with pytest.raises(ValueError) as err:
             tok.apply_chat_template(messages)

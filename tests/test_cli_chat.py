@@ -11,10 +11,10 @@ import sys
 import time
 
 import pytest
-
 from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
-from mlx_mixtral.tokenizer import load_tokenizer
 from tiny_models import add_tokenizer, make_hf_checkpoint
+
+from mlx_mixtral.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

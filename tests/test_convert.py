@@ -8,10 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 from mlx_mixtral import load_model
 from mlx_mixtral.convert import convert
-from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 # intermediate 128 splits into whole groups of 32, 64 and 128, so every expert gets quantized.
 SHAPE = dict(intermediate_size=128)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from tiny_models import add_tokenizer, make_hf_checkpoint
 
 from mlx_mixtral.convert import ConvertError, convert, parse_size
-from tiny_models import add_tokenizer, make_hf_checkpoint
 
 SHAPE = dict(intermediate_size=128)
 
@@ -109,7 +109,7 @@ def _corrupt_header(src):
 def _index_missing_shard(src):
     mx.save_safetensors(str(src / "model-00001-of-00002.safetensors"), dict(mx.load(str(src / "model.safetensors"))))
     weight_map = {
-        k: "model-0000{}-of-00002.safetensors".format(1 + (i % 2))
+        k: f"model-0000{1 + (i % 2)}-of-00002.safetensors"
         for i, k in enumerate(mx.load(str(src / "model.safetensors")))
     }
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))

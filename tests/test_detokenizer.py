@@ -6,10 +6,10 @@ import shutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, WindowDetokenizer
-from mlx_mixtral.tokenizer import load_tokenizer
 from tokenizer_fixtures import BASE_VOCAB, BYTE0, hf_tokenizer, loaded_tokenizer, tokenizer_dir
+
+from mlx_mixtral.tokenizer import load_tokenizer
+from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, WindowDetokenizer
 
 SETTINGS = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]

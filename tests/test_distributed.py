@@ -16,11 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-
 from distributed_worker import PROMPT, greedy
-from mlx_mixtral import load_model
+from mlx.utils import tree_flatten
 from tiny_models import make_hf_checkpoint
+
+from mlx_mixtral import load_model
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCHER = Path(sys.executable).with_name("mlx.launch")
@@ -237,10 +237,11 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     whose second turn is cut short, and server requests through a prefix cache give what one
     process gives."""
     from distributed_api_worker import SEEDED_CHAT, run_chat
+    from tiny_models import add_tokenizer
+
     from mlx_mixtral.chat import ChatSession
     from mlx_mixtral.generate import stream_generate
     from mlx_mixtral.tokenizer import load_tokenizer
-    from tiny_models import add_tokenizer
 
     model_dir = add_tokenizer(make_hf_checkpoint(tmp_path / "m", vocab_size=32000, seed=5))
     cmd = launch_cmd(2, str(WORKER.with_name("distributed_api_worker.py")), str(tmp_path), str(model_dir))
@@ -262,6 +263,7 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
 def _served_by_one_process(model, tokenizer) -> list[dict]:
     """What the server's single-process worker does: take, generate, put back (also when stopped)."""
     from distributed_api_worker import SERVED
+
     from mlx_mixtral.generate import stream_generate
     from mlx_mixtral.prefix_cache import PrefixCache
 

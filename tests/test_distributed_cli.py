@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
 from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
-from mlx_mixtral.tokenizer import load_tokenizer
 from test_distributed import launch_cmd
 from tiny_models import add_tokenizer, make_hf_checkpoint
+
+from mlx_mixtral.tokenizer import load_tokenizer
 
 TIMEOUT = 180
 

@@ -188,9 +188,10 @@ def test_native_layout_is_refused_clearly(tmp_path):
 
 def test_group_of_one_loads_a_single_expert_hf_checkpoint_like_load_model(tmp_path):
     """Per-expert HF tensors are stacked to (E, out, in) even when E = 1."""
+    from tiny_models import make_hf_checkpoint
+
     from mlx_mixtral import load_model
     from mlx_mixtral.distributed.loader import load_sharded
-    from tiny_models import make_hf_checkpoint
 
     model_dir = make_hf_checkpoint(tmp_path / "e1", seed=6, num_local_experts=1, num_experts_per_tok=1)
     tokens = mx.array([[1, 17, 93, 5]])

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
+
 from mlx_mixtral import ChatSession, generate, load
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -8,12 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
 from memorized import TEXT_CONTINUATION, TEXT_PROMPT, memorized_4bit
+from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
+
 from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.generate import StopMatcher, generate_step
 from mlx_mixtral.sampling import make_logits_processors, make_sampler
-from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 PROMPT = [1, 5, 17, 99, 3, 42, 7, 8, 9, 10, 11, 64, 23]
 

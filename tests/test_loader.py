@@ -9,11 +9,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+from tiny_models import add_tokenizer, make_hf_checkpoint
 
 from mlx_mixtral import LoadError, load_model
 from mlx_mixtral import loader as loader_mod
 from mlx_mixtral.experts import QuantizedSwitchLinear
-from tiny_models import add_tokenizer, make_hf_checkpoint
 
 IDS = mx.array(np.random.default_rng(0).integers(0, 128, (2, 70)))  # 280 pairs: the sorted path
 

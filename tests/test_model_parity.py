@@ -4,9 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from tiny_models import load_hf_model, make_hf_checkpoint
 
 from mlx_mixtral import load_model
-from tiny_models import load_hf_model, make_hf_checkpoint
 
 # Float32 forward passes through a few layers agree to ~1e-6 relative; a wrong RoPE layout,
 # mask or routing rule shows up as errors of 1e-1 or more.

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from server_harness import EOS, LiveServer, leave_mid_stream, shared, wait_idle
 
 from mlx_mixtral.chat import common_prefix_length
-from server_harness import EOS, LiveServer, leave_mid_stream, shared, wait_idle
 
 openai = pytest.importorskip("openai")
 

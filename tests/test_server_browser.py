@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import pytest
-
 from server_harness import shared
 
 BROWSER = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -40,8 +39,8 @@ class DevTools:
         self.profile = tempfile.mkdtemp(prefix="mlx_mixtral_chromium_")
         to_browser, self._out = os.pipe()
         self._in, from_browser = os.pipe()
-        # Chromium reads fd 3 and writes fd 4; bash (dash takes single-digit fds only) moves our pipe ends there (fds >= 10,
-        # so the moves cannot clobber each other).
+        # Chromium reads fd 3 and writes fd 4; bash (dash takes single-digit fds only) moves our pipe ends
+        # there (fds >= 10, so the moves cannot clobber each other).
         r, w = fcntl.fcntl(to_browser, fcntl.F_DUPFD, 10), fcntl.fcntl(from_browser, fcntl.F_DUPFD, 10)
         for fd in (to_browser, from_browser):
             os.close(fd)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from server_harness import EOS, leave_mid_stream, shared, wait_for_health, wait_idle
 from test_distributed import LAUNCHER, launch_cmd
 

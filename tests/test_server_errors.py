@@ -7,7 +7,6 @@ import sys
 
 import httpx
 import pytest
-
 from server_harness import CONTEXT, STRICT_KEY, shared
 
 CHAT = "/v1/chat/completions"
@@ -48,7 +47,7 @@ def _post(server, path, body=None, *, content=None, headers=None):
     return httpx.post(server.url + path, json=body, content=content, headers=headers, timeout=30)
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2", '{"messages": [}'.encode()])
+@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2", b'{"messages": [}'])
 def test_malformed_json(server, content):
     message = _error(_post(server, CHAT, content=content, headers={"Content-Type": "application/json"}), 400)["message"]
     assert "JSON" in message or "body" in message

@@ -5,7 +5,6 @@ may still be refused with a 400, e.g. a conversation the chat format does not al
 the body-size cap, so schemathesis' check that valid data is accepted is left out.)"""
 
 import pytest
-
 from server_harness import STRICT_KEY, shared
 
 schemathesis = pytest.importorskip("schemathesis")

@@ -5,11 +5,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from tiny_models import load_hf_model
 
 from mlx_mixtral import load_model
 from mlx_mixtral.cache import KVCache
 from mlx_mixtral.prefix_cache import PrefixCache, held_ids
-from tiny_models import load_hf_model
 
 A = [1, 5, 17, 99, 3, 42, 7, 8, 9, 10]
 B = A[:4] + [64, 23, 11, 12]  # shares 4 tokens with A

@@ -7,8 +7,6 @@ import shutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
 from tiny_models import mistral_tokenizer_path
 from tokenizer_fixtures import (
     BASE_VOCAB,
@@ -20,6 +18,8 @@ from tokenizer_fixtures import (
     tokenizer_dir,
     write_sp_dir,
 )
+
+from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
 
 KINDS = [
     "v1",

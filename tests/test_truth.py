@@ -7,7 +7,6 @@ import json
 import mlx.core as mx
 import numpy as np
 import torch
-
 from memorized import (
     TEXT_CONTINUATION,
     TEXT_PROMPT,
@@ -17,9 +16,10 @@ from memorized import (
     training_sequences,
     training_steps,
 )
+from tiny_models import load_hf_model
+
 from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.tokenizer import load_tokenizer
-from tiny_models import load_hf_model
 
 
 def _continuation_ids(tok):

@@ -12,7 +12,7 @@ import atexit
 import json
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from tiny_models import mistral_tokenizer_path
@@ -133,14 +133,14 @@ def write_sp_dir(path: Path, version: str, config: dict | None, *, generation_eo
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def hf_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
 
 
-@lru_cache(maxsize=None)
+@cache
 def loaded_tokenizer(kind: str):
     """Our tokenizer of tokenizer_dir(kind), loaded once per test process."""
     from mlx_mixtral.tokenizer import load_tokenizer
@@ -148,7 +148,7 @@ def loaded_tokenizer(kind: str):
     return load_tokenizer(tokenizer_dir(kind))
 
 
-@lru_cache(maxsize=None)
+@cache
 def tokenizer_dir(kind: str) -> Path:
     """kind: "<version>[-nonlegacy][-json|-both|-hubjson]", e.g. "v1", "v3-json", "v1-nonlegacy-both".
 

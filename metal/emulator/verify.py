@@ -19,15 +19,6 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_mixtral.metal.emulator import runner
-from mlx_mixtral.metal.kernels import (
-    DOWN,
-    GATE_UP,
-    SIMDGROUPS,
-    ExpertGeometry,
-    launch_down,
-    launch_gate_up,
-    make_kernel,
-)
 from mlx_mixtral.metal.emulator.numeric import (
     DTYPES,
     KERNEL_TOLERANCE,
@@ -37,6 +28,15 @@ from mlx_mixtral.metal.emulator.numeric import (
     gate_up64,
     to_f64,
     unpack_affine,
+)
+from mlx_mixtral.metal.kernels import (
+    DOWN,
+    GATE_UP,
+    SIMDGROUPS,
+    ExpertGeometry,
+    launch_down,
+    launch_gate_up,
+    make_kernel,
 )
 
 EXPERTS = 4

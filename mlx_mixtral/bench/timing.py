@@ -8,15 +8,15 @@ embedding row, the output head) plus the KV cache once, so tok/s <= bandwidth / 
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 

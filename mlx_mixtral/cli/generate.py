@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, stream_generate
 from mlx_mixtral.cli.options import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
+from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, stream_generate
 
 
 def _parser() -> argparse.ArgumentParser:

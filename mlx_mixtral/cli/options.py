@@ -74,7 +74,7 @@ def load_for_cli(args: argparse.Namespace, prog: str):
         return model, tokenizer, None
     except (LoadError, ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def one_line(e: Exception) -> str:

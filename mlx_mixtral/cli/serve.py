@@ -13,10 +13,11 @@ import argparse
 import ipaddress
 import logging
 import os
-import socket
 import signal
+import socket
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 

@@ -18,18 +18,19 @@ import itertools
 import os
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
 
 from mlx_mixtral.chat import ChatSession
 from mlx_mixtral.distributed.group import barrier, check_same_model, follow, init_group, lead, release_followers
+from mlx_mixtral.distributed.loader import load_sharded
+from mlx_mixtral.distributed.sharding import describe
 from mlx_mixtral.generate import GenerationResponse, prompt_ids, stream_generate
 from mlx_mixtral.loader import resolve_model_dir
 from mlx_mixtral.prefix_cache import PrefixCache
-from mlx_mixtral.distributed.loader import load_sharded
-from mlx_mixtral.distributed.sharding import describe
 
 # Options that are Python objects (or live state) and cannot travel to the other ranks.
 _LOCAL_ONLY = ("sampler", "logits_processors", "cache")
@@ -79,7 +80,7 @@ class DistributedModel:
         }
 
     @classmethod
-    def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> "DistributedModel":
+    def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> DistributedModel:
         """Join the group, check every rank has the same model, load this rank's part of it."""
         from mlx_mixtral.tokenizer import load_tokenizer
 
@@ -110,13 +111,13 @@ class DistributedModel:
         }
         return lead(self.group, request, self._handlers, _token_or_none)
 
-    def chat(self, **kwargs: Any) -> "DistributedChat":
+    def chat(self, **kwargs: Any) -> DistributedChat:
         """A `ChatSession` on every rank (same keyword arguments), driven from rank 0."""
         sid = next(self._session_ids)
         self._run({"op": "chat.open", "id": sid, "kwargs": _encode_options(kwargs)})
         return DistributedChat(self, sid)
 
-    def prefix_cache(self, capacity: int, max_kv_size: int | None = None) -> "DistributedPrefixCache":
+    def prefix_cache(self, capacity: int, max_kv_size: int | None = None) -> DistributedPrefixCache:
         """A server's `PrefixCache` on every rank (each holds its own heads' keys and values)."""
         sid = next(self._session_ids)
         self._run({"op": "prefix.open", "id": sid, "capacity": capacity, "max_kv_size": max_kv_size})

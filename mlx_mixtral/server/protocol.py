@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_mixtral.tokenizer.detokenizer import BYTE_PIECE, SPACE
 from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.sampling import make_sampler
 from mlx_mixtral.server.schema import MAX_STOP, _Sampling
+from mlx_mixtral.tokenizer.detokenizer import BYTE_PIECE, SPACE
 
 
 class APIError(Exception):

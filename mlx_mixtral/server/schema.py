@@ -10,7 +10,7 @@ presence/frequency penalties) are rejected rather than silently ignored.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,7 +25,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-FinishReason = Optional[Literal["stop", "length"]]  # None until the last token
+FinishReason = Literal["stop", "length"] | None  # None until the last token
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -34,8 +34,8 @@ FinishReason = Optional[Literal["stop", "length"]]  # None until the last token
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -53,8 +53,8 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = None
+    content: str | list[TextPart]
+    name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -67,39 +67,39 @@ class StreamOptions(_Request):
 class _Sampling(_Request):
     """Options shared by both generation endpoints."""
 
-    model: Optional[str] = Field(None, description="must name the served model (see GET /v1/models) or be omitted")
-    max_tokens: Optional[int] = Field(None, ge=1, description="default: the server's cap, or what the context allows")
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=0, description="extension: keep the k most likely tokens (0: off)")
-    min_p: Optional[float] = Field(None, ge=0.0, lt=1.0, description="extension: min-p filter (0: off)")
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0, description="extension: CTRL penalty")
-    seed: Optional[int] = Field(None, **SEED_RANGE)
-    stop: Optional[Union[str, list[str]]] = Field(None, description=f"up to {MAX_STOP} stop sequences")
+    model: str | None = Field(None, description="must name the served model (see GET /v1/models) or be omitted")
+    max_tokens: int | None = Field(None, ge=1, description="default: the server's cap, or what the context allows")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0: off)")
+    min_p: float | None = Field(None, ge=0.0, lt=1.0, description="extension: min-p filter (0: off)")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension: CTRL penalty")
+    seed: int | None = Field(None, **SEED_RANGE)
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop sequences")
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
-    user: Optional[str] = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="wins over max_tokens when both are set")
+    max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens when both are set")
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ..., description="text or token ids; a list holds exactly one prompt"
     )
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = Field(False, description="not supported: must be false")
-    suffix: Optional[str] = Field(None, description="not supported: must be null")
-    best_of: Optional[int] = Field(None, ge=1, le=1)
+    suffix: str | None = Field(None, description="not supported: must be null")
+    best_of: int | None = Field(None, ge=1, le=1)
 
 
 # --- responses ---------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Usage(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class TokenLogprob(TopLogprob):
@@ -127,7 +127,7 @@ class TokenLogprob(TopLogprob):
 
 
 class ChoiceLogprobs(BaseModel):
-    content: Optional[list[TokenLogprob]] = None
+    content: list[TokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -138,7 +138,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: Optional[ChoiceLogprobs] = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -158,14 +158,14 @@ class ChatCompletion(_Response):
 
 
 class Delta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: Optional[ChoiceLogprobs] = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -175,7 +175,7 @@ class ChatCompletionChunk(_Response):
 
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -188,7 +188,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -198,7 +198,7 @@ class Completion(_Response):
 
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -222,6 +222,6 @@ class Health(BaseModel):
     cancelled: int = Field(..., description="generations stopped because their client went away")
     failed: int
     generated_tokens: int
-    prompt_cache_entries: Optional[int] = Field(
+    prompt_cache_entries: int | None = Field(
         ..., description="conversations kept in the prefix cache (null with --distributed)"
     )

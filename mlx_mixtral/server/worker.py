@@ -14,8 +14,9 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.prefix_cache import PrefixCache

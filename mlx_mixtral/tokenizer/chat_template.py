@@ -24,10 +24,10 @@ does not escape HTML, `strftime_now`, and the special tokens as variables (bos_t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-import json
 
 MISTRAL_V1, MISTRAL_V3, JINJA = "mistral-v1", "mistral-v3", "jinja"
 _ROLES = ("system", "user", "assistant")

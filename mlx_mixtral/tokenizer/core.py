@@ -7,12 +7,11 @@ backends.py, streaming decoding in detokenizer.py, the chat formats in chat_temp
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from mlx_mixtral.tokenizer.backends import SentencePieceBackend, TokenizersBackend
 from mlx_mixtral.tokenizer.chat_template import JINJA, MISTRAL_V1, MISTRAL_V3, encode_mistral, render_jinja
 from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, StreamingDetokenizer, WindowDetokenizer
-from mlx_mixtral.tokenizer.backends import AddedToken, SentencePieceBackend, TokenizersBackend
 
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from mlx_mixtral.convert.cli import main
+from mlx_mixtral.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["convert", *sys.argv[1:]]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlx_mixtral.convert.errors import ConvertError
 from mlx_mixtral.convert.source import Source
+from mlx_mixtral.errors import ConvertError
 from mlx_mixtral.weights import INDEX_NAME
 
 

@@ -11,7 +11,6 @@ import signal
 import sys
 
 from mlx_mixtral.convert.card import describe_quantization, model_stats
-from mlx_mixtral.convert.errors import ConvertError
 from mlx_mixtral.convert.pipeline import DTYPES, Progress, convert
 from mlx_mixtral.convert.quant import MODES, RECIPES
 
@@ -104,15 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             progress=bar,
         )
-    except ConvertError as e:
-        bar.close()
-        print(f"mlx-mixtral convert: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        bar.close()
         print("mlx-mixtral convert: interrupted; nothing was written", file=sys.stderr)
         return 130
-    bar.close()
+    finally:  # a ConvertError goes on to the dispatcher, which reports it in one line
+        bar.close()
     stats = model_stats(out)
     config = json.loads((out / "config.json").read_text())
     print(

@@ -21,11 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_mixtral.convert.card import upload, write_model_card
-from mlx_mixtral.convert.errors import ConvertError
 from mlx_mixtral.convert.quant import DEFAULT_BITS, DEFAULT_GROUP, config_entry, make_plan
 from mlx_mixtral.convert.shards import Entry, ShardWriter, parse_size
 from mlx_mixtral.convert.source import open_source
 from mlx_mixtral.convert.transform import Context, convert_group, make_context
+from mlx_mixtral.errors import ConvertError
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Files that travel with the weights (tokenizers of every Mistral generation, chat templates).

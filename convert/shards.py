@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import mlx.core as mx
 
-from mlx_mixtral.convert.errors import ConvertError
+from mlx_mixtral.errors import ConvertError
 from mlx_mixtral.weights import INDEX_NAME
 
 _DTYPE_NAMES = {

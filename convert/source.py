@@ -15,10 +15,10 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_mixtral.config import ConfigError, ModelArgs, read_config
-from mlx_mixtral.convert.errors import ConvertError
-from mlx_mixtral.loader import LoadError, resolve_model_dir
-from mlx_mixtral.weights import TensorInfo, WeightsError, find_weight_files, read_headers
+from mlx_mixtral.config import ModelArgs, read_config
+from mlx_mixtral.errors import ConfigError, ConvertError, LoadError, WeightsError
+from mlx_mixtral.loader import resolve_model_dir
+from mlx_mixtral.weights import TensorInfo, find_weight_files, read_headers
 
 FLOAT_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 # Packed weights of an MLX-quantized checkpoint, and the 8-bit shared scales of mxfp4/mxfp8/nvfp4.

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_mixtral.convert.errors import ConvertError
 from mlx_mixtral.convert.quant import QuantPlan
 from mlx_mixtral.convert.source import Source
-from mlx_mixtral.loader import LoadError, quantize_like_checkpoint
+from mlx_mixtral.errors import ConvertError, LoadError
+from mlx_mixtral.loader import quantize_like_checkpoint
 from mlx_mixtral.model import Mixtral, sanitize
 
 # What a module's output is: a quantization dict, False (quantizable but kept in floating

@@ -1,10 +1,11 @@
 """mlx-mixtral: Mixtral sparse mixture-of-experts models on Apple Silicon with MLX."""
 
 from mlx_mixtral.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
-from mlx_mixtral.chat import ChatSession, ContextLimitError
+from mlx_mixtral.chat import ChatSession
 from mlx_mixtral.config import ModelArgs
+from mlx_mixtral.errors import ContextLimitError, LoadError
 from mlx_mixtral.generate import GenerationResponse, generate, generate_step, stream_generate
-from mlx_mixtral.loader import LoadError, load, load_model
+from mlx_mixtral.loader import load, load_model
 from mlx_mixtral.model import Mixtral
 from mlx_mixtral.sampling import make_logits_processors, make_sampler
 

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
 
+from mlx_mixtral.errors import CacheFileError, OptionError
+
 # Caches grow in blocks so a decode step writes in place instead of concatenating.
 GROW_STEP = 256
 
@@ -106,7 +108,7 @@ class RotatingKVCache:
 
     def __init__(self, max_size: int):
         if max_size < 1:
-            raise ValueError(f"max_size must be >= 1, got {max_size}")
+            raise OptionError(f"max_size must be >= 1, got {max_size}")
         self.max_size = max_size
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
@@ -187,7 +189,7 @@ def save_prompt_cache(path: str | Path, cache: list[Cache], metadata: dict[str, 
     layers = []
     for i, layer in enumerate(cache):
         if layer.offset == 0:
-            raise ValueError(f"layer {i} cache is empty; nothing to save")
+            raise CacheFileError(f"layer {i} cache is empty; nothing to save")
         arrays[f"{i}.keys"], arrays[f"{i}.values"] = layer.state
         layers.append({"type": type(layer).__name__, **layer.meta()})
     info = {"mlx_mixtral.cache": json.dumps(layers)}
@@ -200,9 +202,9 @@ def load_prompt_cache(path: str | Path) -> tuple[list[Cache], dict[str, str]]:
     try:
         arrays, info = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises bare RuntimeError/ValueError with long messages
-        raise ValueError(f"{path}: not a readable safetensors prompt cache ({e})") from None
+        raise CacheFileError(f"{path}: not a readable safetensors prompt cache ({e})") from None
     if "mlx_mixtral.cache" not in info:
-        raise ValueError(f"{path}: not an mlx-mixtral prompt cache (no 'mlx_mixtral.cache' metadata)")
+        raise CacheFileError(f"{path}: not an mlx-mixtral prompt cache (no 'mlx_mixtral.cache' metadata)")
     caches: list[Cache] = []
     for i, meta in enumerate(json.loads(info["mlx_mixtral.cache"])):
         cls = _CACHE_TYPES[meta.pop("type")]

@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from mlx_mixtral.cache import Cache, load_prompt_cache, save_prompt_cache
-from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_generate
+from mlx_mixtral.errors import CacheFileError
+from mlx_mixtral.generate import GenerationResponse, stream_generate
+from mlx_mixtral.options import DEFAULT_MAX_TOKENS, fit_to_context
 
 SESSION_FORMAT = "mlx-mixtral-chat/1"
-
-
-class ContextLimitError(ValueError):
-    """The conversation no longer fits in the model's context."""
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -117,15 +115,13 @@ class ChatSession:
         options = {**self.options, **options}
         messages = self.conversation() + [{"role": "user", "content": text}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=self.chat_template)
-        if self.max_kv_size is None and self.context_length is not None:
-            room = self.context_length - len(ids)
-            if room < 1:
-                raise ContextLimitError(
-                    f"the conversation is {len(ids)} tokens and the model's context is {self.context_length}; "
-                    f"reset the chat, or start it with max_kv_size=N to keep a sliding window of N tokens"
-                )
-            wanted = options.get("max_tokens", DEFAULT_MAX_TOKENS)
-            options["max_tokens"] = room if wanted is None else min(wanted, room)
+        if self.max_kv_size is None:  # a sliding window never runs out of room
+            options["max_tokens"] = fit_to_context(
+                len(ids),
+                options.get("max_tokens", DEFAULT_MAX_TOKENS),
+                self.context_length,
+                hint="reset the chat, or start it with max_kv_size=N to keep a sliding window of N tokens",
+            )
 
         kept = reuse_cache(self.cache, self.cached_ids, ids)
         if kept < 0:
@@ -158,7 +154,7 @@ class ChatSession:
     def save(self, path: str | Path) -> None:
         """Write the messages and the KV cache to one safetensors file."""
         if not self.cached_ids:
-            raise ValueError("nothing to save: the chat has no turns yet")
+            raise CacheFileError("nothing to save: the chat has no turns yet")
         meta = {
             "format": SESSION_FORMAT,
             "system": json.dumps(self.system),
@@ -173,7 +169,7 @@ class ChatSession:
         """A session saved by `save`, continuing exactly where it stopped, on the same model."""
         cache, meta = load_prompt_cache(path)
         if meta.get("format") != SESSION_FORMAT:
-            raise ValueError(
+            raise CacheFileError(
                 f"{path}: not a saved chat session (format {meta.get('format')!r}, expected {SESSION_FORMAT!r})"
             )
         args = model.args
@@ -184,7 +180,7 @@ class ChatSession:
             or (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim)
         ):
             got = "no layers" if keys is None else f"{len(cache)} layers of {keys.shape[1]}x{keys.shape[3]} keys"
-            raise ValueError(
+            raise CacheFileError(
                 f"{path}: saved for another model ({got}; this model has {args.num_hidden_layers} "
                 f"layers of {args.num_key_value_heads}x{args.head_dim})"
             )

@@ -7,10 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config file names an unsupported model or lacks a required field."""
-
+from mlx_mixtral.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "mistral")
 

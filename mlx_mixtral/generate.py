@@ -19,6 +19,8 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_mixtral.cache import Cache
+from mlx_mixtral.errors import OptionError
+from mlx_mixtral.options import DEFAULT_MAX_TOKENS
 from mlx_mixtral.sampling import (
     LogitsProcessor,
     Sampler,
@@ -30,7 +32,6 @@ from mlx_mixtral.sampling import (
 )
 
 DEFAULT_PREFILL_CHUNK = 512
-DEFAULT_MAX_TOKENS = 256
 
 
 def generate_step(
@@ -54,11 +55,11 @@ def generate_step(
     """
     prompt = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids), mx.uint32)
     if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(prompt.shape)}")
+        raise OptionError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(prompt.shape)}")
     if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        raise OptionError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if max_tokens is not None and max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+        raise OptionError(f"max_tokens must be >= 0 or None, got {max_tokens}")
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or greedy
     processors = list(logits_processors or ())
@@ -204,7 +205,7 @@ def stream_generate(
     ids = prompt_ids(tokenizer, prompt)
     validate_token_ids(ids, model.args.vocab_size, "prompt")
     if logprobs < 0:
-        raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+        raise OptionError(f"logprobs must be >= 0, got {logprobs}")
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)

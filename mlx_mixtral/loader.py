@@ -13,16 +13,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_mixtral.config import ConfigError, ModelArgs, read_config
+from mlx_mixtral.config import ModelArgs, read_config
+from mlx_mixtral.errors import ConfigError, LoadError, WeightsError
 from mlx_mixtral.model import HF_EXPERT_NAMES, Mixtral, sanitize
-from mlx_mixtral.weights import INDEX_NAME, TensorInfo, WeightsError, find_weight_files, read_headers, read_weight_map
+from mlx_mixtral.weights import INDEX_NAME, TensorInfo, find_weight_files, read_headers, read_weight_map
 
 # What a model needs from a hub repository; the weights are chosen once the index is known.
 _HUB_METADATA = ["*.json", "*.jinja", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
-
-
-class LoadError(ValueError):
-    """A model cannot be loaded; the message is one line naming the file, tensor or repo."""
 
 
 def load(

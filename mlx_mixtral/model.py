@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache
 from mlx_mixtral.config import ModelArgs
+from mlx_mixtral.errors import WeightsError
 from mlx_mixtral.experts import SwitchGLU, route
 
 
@@ -215,7 +216,7 @@ def sanitize(weights: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
     for (prefix, proj, kind), by_expert in experts.items():
         missing = [e for e in range(args.num_local_experts) if e not in by_expert]
         if missing:
-            raise ValueError(f"checkpoint lacks expert {missing[0]} of {prefix} ({proj}.{kind})")
+            raise WeightsError(f"checkpoint lacks expert {missing[0]} of {prefix} ({proj}.{kind})")
         out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([by_expert[e] for e in range(args.num_local_experts)])
     if args.tie_word_embeddings:
         out.pop("lm_head.weight", None)

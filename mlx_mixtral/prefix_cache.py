@@ -18,13 +18,14 @@ from typing import Any
 
 from mlx_mixtral.cache import Cache, KVCache
 from mlx_mixtral.chat import common_prefix_length, held_ids, reuse_cache
+from mlx_mixtral.errors import OptionError
 from mlx_mixtral.generate import GenerationResponse, stream_generate
 
 
 class PrefixCache:
     def __init__(self, make_cache: Callable[[], list[Cache]], capacity: int = 4):
         if capacity < 0:
-            raise ValueError(f"prompt cache capacity must be >= 0, got {capacity}")
+            raise OptionError(f"prompt cache capacity must be >= 0, got {capacity}")
         self.make_cache = make_cache
         self.capacity = capacity
         self._entries: OrderedDict[int, tuple[list[int], list[Cache]]] = OrderedDict()  # oldest first

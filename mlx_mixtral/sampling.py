@@ -17,6 +17,8 @@ from typing import Protocol
 
 import mlx.core as mx
 
+from mlx_mixtral.errors import OptionError
+
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -71,13 +73,13 @@ def warp(logprobs: mx.array, temp: float, top_k: int = 0, top_p: float = 1.0, mi
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
     """A sampler for these settings; `temp == 0` is greedy (argmax) whatever the filters say."""
     if temp < 0 or not math.isfinite(temp):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
+        raise OptionError(f"temperature must be a finite number >= 0, got {temp}", option="temperature")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise OptionError(f"top_p must be in (0, 1], got {top_p}", option="top_p")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        raise OptionError(f"top_k must be >= 0 (0 disables it), got {top_k}", option="top_k")
     if not 0.0 <= min_p < 1.0:
-        raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+        raise OptionError(f"min_p must be in [0, 1), got {min_p}", option="min_p")
     if temp == 0.0:
         return greedy
 
@@ -93,9 +95,11 @@ def make_repetition_penalty(penalty: float, context_size: int | None = 20) -> Lo
     that occurred in the last `context_size` tokens (None: all of them) has its logit divided
     by `penalty` when positive and multiplied by it when negative."""
     if not penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        raise OptionError(f"repetition_penalty must be > 0, got {penalty}", option="repetition_penalty")
     if context_size is not None and context_size < 1:
-        raise ValueError(f"repetition context size must be >= 1 or None, got {context_size}")
+        raise OptionError(
+            f"repetition context size must be >= 1 or None, got {context_size}", option="repetition_context_size"
+        )
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         recent = tokens if context_size is None else tokens[-context_size:]  # (T,)
@@ -147,4 +151,4 @@ def top_logprobs(logprobs: mx.array, n: int) -> list[tuple[int, float]]:
 def validate_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
     bad = next((i for i in ids if not 0 <= int(i) < vocab_size), None)
     if bad is not None:
-        raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise OptionError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")

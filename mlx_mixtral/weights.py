@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_mixtral.errors import WeightsError
+
 INDEX_NAME = "model.safetensors.index.json"
 
 DTYPE_BYTES = {
@@ -34,10 +36,6 @@ DTYPE_BYTES = {
 }
 # Header sizes above this are not a model header but a corrupt length field.
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class WeightsError(ValueError):
-    """A weight file or index is missing, truncated or corrupt; the message names it."""
 
 
 @dataclass(frozen=True)

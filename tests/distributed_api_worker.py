@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from mlx_mixtral.distributed.group import DistributedError
 from mlx_mixtral.distributed.model import DistributedModel
+from mlx_mixtral.errors import DistributedError
 
 CHAT = ["Hi there", "Tell me more", "And then?"]
 SEEDED_CHAT = dict(temperature=0.9, top_k=20, seed=3)  # the session's seed serves every turn, as in one process

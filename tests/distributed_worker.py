@@ -20,17 +20,10 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mlx_mixtral.distributed.group import (
-    DistributedError,
-    check_same_model,
-    follow,
-    init_group,
-    lead,
-    release_followers,
-)
+from mlx_mixtral.distributed.group import check_same_model, follow, init_group, lead, release_followers
 from mlx_mixtral.distributed.loader import load_sharded
-from mlx_mixtral.distributed.sharding import ShardError, describe
-from mlx_mixtral.loader import LoadError
+from mlx_mixtral.distributed.sharding import describe
+from mlx_mixtral.errors import DistributedError, LoadError, ShardError
 
 PROMPT = [1, 17, 93, 5, 64, 101, 3, 77, 12, 45, 8]
 

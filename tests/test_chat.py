@@ -6,7 +6,8 @@ from memorized import TRANSCRIPT, memorized_4bit
 from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 from mlx_mixtral import load
-from mlx_mixtral.chat import ChatSession, ContextLimitError, common_prefix_length
+from mlx_mixtral.chat import ChatSession, common_prefix_length
+from mlx_mixtral.errors import ContextLimitError
 from mlx_mixtral.generate import generate_step
 
 

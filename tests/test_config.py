@@ -4,7 +4,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mixtral import Mixtral, ModelArgs
-from mlx_mixtral.config import ConfigError
+from mlx_mixtral.errors import ConfigError
 
 # config.json of mistralai/Mixtral-8x7B-v0.1 on the hub (top-level rope_theta).
 MIXTRAL_8X7B = {

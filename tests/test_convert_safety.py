@@ -14,7 +14,8 @@ import mlx.core as mx
 import pytest
 from tiny_models import add_tokenizer, make_hf_checkpoint
 
-from mlx_mixtral.convert import ConvertError, convert, parse_size
+from mlx_mixtral.convert import convert, parse_size
+from mlx_mixtral.errors import ConvertError
 
 SHAPE = dict(intermediate_size=128)
 

@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten
 
 from mlx_mixtral import LoadError, Mixtral, ModelArgs
 from mlx_mixtral.distributed.loader import read_slice, source_tensors
-from mlx_mixtral.distributed.sharding import ShardError, even_split, plan_shards
+from mlx_mixtral.distributed.sharding import even_split, plan_shards
+from mlx_mixtral.errors import ShardError
 from mlx_mixtral.weights import read_header
 
 MIXTRAL_8X7B = dict(

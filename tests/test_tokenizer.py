@@ -19,7 +19,8 @@ from tokenizer_fixtures import (
     write_sp_dir,
 )
 
-from mlx_mixtral.tokenizer import TokenizerError, load_tokenizer
+from mlx_mixtral.errors import TokenizerError
+from mlx_mixtral.tokenizer import load_tokenizer
 
 KINDS = [
     "v1",

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from mlx_mixtral.bench import accounting
 from mlx_mixtral.bench.timing import chip_bandwidth, device_name, fused_vs_builtin, measure_ours, plot, roofline
-from mlx_mixtral.loader import LoadError, load_model, resolve_model_dir
+from mlx_mixtral.loader import load_model, resolve_model_dir
 from mlx_mixtral.metal.kernels import kernels_setting
 
 
@@ -61,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_tokens < 1 or args.reps < 1:
         print("mlx-mixtral bench: --decode-tokens and --reps must be >= 1", file=sys.stderr)
         return 2
-    try:
-        model = load_model(resolve_model_dir(args.model))
-    except LoadError as e:
-        print(f"mlx-mixtral bench: {e}", file=sys.stderr)
-        return 1
+    model = load_model(resolve_model_dir(args.model))
     name = device_name()
     bandwidth = args.bandwidth if args.bandwidth is not None else chip_bandwidth(name)
     source = "--bandwidth" if args.bandwidth is not None else ("chip table" if bandwidth else None)

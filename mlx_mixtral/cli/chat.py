@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from mlx_mixtral.chat import ChatSession
-from mlx_mixtral.cli.options import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
+from mlx_mixtral.cli.options import add_sampling_args, format_stats, load_for_cli, one_line, options_from_args
+from mlx_mixtral.errors import DistributedError, MixtralError, OptionError
 
 HELP = """commands:
   /reset         forget the conversation
@@ -154,7 +155,9 @@ class Repl:
                     path, self.model, self.tokenizer, chat_template=self.args.chat_template, **self.options
                 )
                 _say(f"(loaded {len(self.session.messages)} messages from {path})")
-        except (ValueError, OSError) as e:
+        except (MixtralError, OSError) as e:
+            if isinstance(e, DistributedError):
+                raise
             _say(f"{name}: {one_line(e)}")
 
     def answer(self, text: str) -> None:
@@ -171,7 +174,9 @@ class Repl:
                 if self.interrupted:
                     break
             stream.close()
-        except ValueError as e:  # ContextLimitError and the like: the turn did not happen
+        except MixtralError as e:  # ContextLimitError and the like: the turn did not happen
+            if isinstance(e, DistributedError):  # the group broke: that ends the chat
+                raise
             _say(f"\n{one_line(e)}")
             return
         finally:
@@ -188,15 +193,10 @@ class Repl:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    prog = "mlx-mixtral chat"
-    try:
-        options = generation_options(args)
-        if args.max_kv_size is not None and args.max_kv_size < 1:
-            raise ValueError(f"--max-kv-size must be >= 1, got {args.max_kv_size}")
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    model, tokenizer, dm = load_for_cli(args, prog)
+    options = options_from_args(args)
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise OptionError(f"--max-kv-size must be >= 1, got {args.max_kv_size}")
+    model, tokenizer, dm = load_for_cli(args)
     if dm is not None and not dm.is_leader:
         return dm.follow()
     try:

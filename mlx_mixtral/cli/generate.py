@@ -10,8 +10,9 @@ import argparse
 import sys
 from typing import Any
 
-from mlx_mixtral.cli.options import add_sampling_args, format_stats, generation_options, load_for_cli, one_line
-from mlx_mixtral.generate import DEFAULT_MAX_TOKENS, stream_generate
+from mlx_mixtral.cli.options import add_sampling_args, format_stats, load_for_cli, options_from_args
+from mlx_mixtral.generate import stream_generate
+from mlx_mixtral.options import DEFAULT_MAX_TOKENS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,14 +26,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    prog = "mlx-mixtral generate"
-    try:
-        options = generation_options(args)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    options = options_from_args(args)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer, dm = load_for_cli(args, prog)
+    model, tokenizer, dm = load_for_cli(args)
     if dm is not None and not dm.is_leader:
         return dm.follow()
     try:
@@ -54,9 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except ValueError as e:  # a prompt or template the model cannot take
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 1
     finally:
         if dm is not None:
             dm.close()

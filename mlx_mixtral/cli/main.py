@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from mlx_mixtral.cli.options import report
+from mlx_mixtral.errors import MixtralError
+
 # command -> (module, one-line help); each module exposes `main(argv: list[str]) -> int`.
 COMMANDS = {
     "convert": ("mlx_mixtral.convert.cli", "convert a Hugging Face or Mistral checkpoint to MLX format"),
@@ -35,13 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx-mixtral: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    from mlx_mixtral.distributed.group import DistributedError
-
     try:
         return int(module.main(rest) or 0)
-    except DistributedError as e:  # --distributed: a rank failed or the ranks disagree; one line, no traceback
-        print(f"mlx-mixtral {command}: error: {e}", file=sys.stderr)
-        return 1
+    except MixtralError as e:  # bad input of any kind: one line, no traceback; anything else is a bug
+        return report(f"mlx-mixtral {command}", e)
 
 
 if __name__ == "__main__":

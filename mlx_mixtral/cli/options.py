@@ -1,5 +1,5 @@
-"""What the commands that load a model share: the sampling options, loading with a one-line error,
-and the statistics line."""
+"""What the commands share: the sampling flags, loading, the one-line error report, and the
+statistics line."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import argparse
 import sys
 from typing import Any
 
-from mlx_mixtral.loader import LoadError, load
-from mlx_mixtral.sampling import make_logits_processors, make_sampler
+from mlx_mixtral.errors import MixtralError, OptionError
+from mlx_mixtral.loader import load
+from mlx_mixtral.options import generation_options
 
 DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 
@@ -43,41 +44,48 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     )
 
 
-def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """stream_generate keyword options from the parsed arguments, checked before any loading."""
-    # Building them raises the library's ValueError naming the bad option.
-    make_sampler(args.temp, args.top_p, args.top_k, args.min_p)
-    make_logits_processors(args.repetition_penalty)
-    if args.max_tokens is not None and args.max_tokens < 0:
-        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    return dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temp,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-    )
+# stream_generate keyword -> the flag that sets it
+FLAGS = {
+    "max_tokens": "--max-tokens",
+    "temperature": "--temp",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+    "stop": "--stop",
+}
 
 
-def load_for_cli(args: argparse.Namespace, prog: str):
-    """(model, tokenizer, distributed handle or None); a loading problem exits with one line."""
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """stream_generate keyword options from the parsed sampling flags, checked before any loading;
+    a bad value is an OptionError that names its flag."""
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in FLAGS.items()}
     try:
-        if args.distributed:
-            from mlx_mixtral.distributed.model import DistributedModel
-
-            dm = DistributedModel.start(args.model)
-            return dm.model, dm.tokenizer, dm
-        model, tokenizer = load(args.model)
-        return model, tokenizer, None
-    except (LoadError, ValueError, OSError) as e:  # LoadError, TokenizerError, ConfigError are ValueErrors
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        return generation_options(**values)
+    except OptionError as e:
+        raise OptionError(f"{FLAGS[e.option]}: {e}" if e.option in FLAGS else str(e), e.option) from None
 
 
-def one_line(e: Exception) -> str:
+def load_for_cli(args: argparse.Namespace):
+    """(model, tokenizer, distributed handle or None); a loading problem is a MixtralError, which
+    the dispatcher reports in one line."""
+    if args.distributed:
+        from mlx_mixtral.distributed.model import DistributedModel
+
+        dm = DistributedModel.start(args.model)
+        return dm.model, dm.tokenizer, dm
+    model, tokenizer = load(args.model)
+    return model, tokenizer, None
+
+
+def report(prog: str, error: MixtralError) -> int:
+    """Print a user-facing error as one line on stderr; the exit status it calls for."""
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+    return error.exit_status
+
+
+def one_line(e: BaseException) -> str:
     """An error message on one line (some name a file and quote a multi-line parser message)."""
     return " ".join(str(e).split())
 

@@ -21,9 +21,12 @@ from typing import Any
 
 import uvicorn
 
+from mlx_mixtral.cli.options import one_line, report
+from mlx_mixtral.errors import ChatTemplateError, MixtralError
 from mlx_mixtral.server.app import LOOPBACK_HOSTS, Settings, create_app
 from mlx_mixtral.server.worker import DistributedEngine, Engine, LocalEngine, Worker
 
+PROG = "mlx-mixtral serve"
 API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
 
 
@@ -104,7 +107,7 @@ def _listen(host: str, port: int) -> socket.socket | None:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        print(f"mlx-mixtral serve: cannot listen on {host}:{port} ({e.strerror})", file=sys.stderr)
+        print(f"{PROG}: error: cannot listen on {host}:{port} ({e.strerror})", file=sys.stderr)
         return None
     return sock
 
@@ -134,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         sock = _listen(args.host, args.port)
         if sock is None:
             return 1
-    status = _serve(args, sock)
+    try:
+        status = _serve(args, sock)
+    except MixtralError as e:  # reported here, not by the dispatcher: this process must end below
+        status = report(PROG, e)
     # Once a model was loaded on the worker thread, MLX (0.32.4 here) can abort while the interpreter
     # tears down ("terminate called without an active exception"; a model loaded on a second thread
     # hits it in about half of the runs, server or not). Everything is flushed and shut down by now,
@@ -148,25 +154,19 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
     """Load, then serve until Ctrl-C/SIGTERM (rank 0), or follow rank 0 (the other ranks)."""
     print(f"loading {args.model} ...", file=sys.stderr)
-    errors: tuple[type[Exception], ...] = (ValueError, OSError)  # LoadError, TokenizerError, ConfigError
-    if args.distributed:
-        from mlx_mixtral.distributed.group import DistributedError
-
-        errors += (DistributedError,)
     try:
         worker = Worker(_load_engine(args))
-    except errors as e:
-        print(f"mlx-mixtral serve: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
     if not worker.is_leader:  # ranks 1..N-1 follow rank 0's generations until it closes
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to act on
         return worker.wait()
     try:  # a bad --chat-template fails here, not in every request
         worker.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, args.chat_template)
-    except ValueError as e:
-        print(f"mlx-mixtral serve: --chat-template: {e}", file=sys.stderr)
+    except MixtralError as e:
         worker.stop()
-        return 1
+        raise ChatTemplateError(f"--chat-template: {e}") from None
     if sock is None:  # --distributed: rank 0 binds only now
         sock = _listen(args.host, args.port)
         if sock is None:
@@ -202,7 +202,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
         return 130
     if worker.fatal_error is not None:
-        print(f"mlx-mixtral serve: {worker.fatal_error}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(worker.fatal_error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -5,7 +5,7 @@ split, loader.py reading one rank's part of the weights, model.py `DistributedMo
 CLI and server drive).
 """
 
-from mlx_mixtral.distributed.group import DistributedError
 from mlx_mixtral.distributed.model import DistributedModel
+from mlx_mixtral.errors import DistributedError
 
 __all__ = ["DistributedError", "DistributedModel"]

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 import numpy as np
 
+from mlx_mixtral.errors import DistributedError
 from mlx_mixtral.weights import find_weight_files, read_header
 
 T = TypeVar("T")
@@ -50,10 +51,6 @@ _STOP = 0  # lock-step flag: rank 0 will not ask for another item
 _END = object()
 # Errors the communication backends raise when a peer is gone, e.g. "[ring] connection to a peer was lost".
 _BACKEND_ERROR = re.compile(r"^\[(ring|jaccl|mpi|nccl)\]")
-
-
-class DistributedError(RuntimeError):
-    """The ranks cannot go on together; the message is one line naming this rank."""
 
 
 def step_timeout() -> float:

@@ -17,9 +17,10 @@ import numpy as np
 
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.distributed.sharding import plan_shards, shard_modules
-from mlx_mixtral.loader import LoadError, fill_model, read_model_dir
+from mlx_mixtral.errors import LoadError, WeightsError
+from mlx_mixtral.loader import fill_model, read_model_dir
 from mlx_mixtral.model import Mixtral, sanitize
-from mlx_mixtral.weights import TensorInfo, WeightsError
+from mlx_mixtral.weights import TensorInfo
 
 # safetensors dtype -> numpy dtype of the same width; bfloat16 travels as its raw 16 bits.
 _NUMPY = {

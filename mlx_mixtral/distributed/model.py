@@ -28,6 +28,7 @@ from mlx_mixtral.chat import ChatSession
 from mlx_mixtral.distributed.group import barrier, check_same_model, follow, init_group, lead, release_followers
 from mlx_mixtral.distributed.loader import load_sharded
 from mlx_mixtral.distributed.sharding import describe
+from mlx_mixtral.errors import CacheFileError, OptionError
 from mlx_mixtral.generate import GenerationResponse, prompt_ids, stream_generate
 from mlx_mixtral.loader import resolve_model_dir
 from mlx_mixtral.prefix_cache import PrefixCache
@@ -40,7 +41,7 @@ def _encode_options(options: dict[str, Any]) -> dict[str, Any]:
     """Options as JSON: refuse Python objects; `logit_bias` as pairs (JSON object keys are strings)."""
     bad = [k for k in _LOCAL_ONLY if options.get(k) is not None]
     if bad:
-        raise ValueError(f"option {bad[0]!r} cannot be used with --distributed (only JSON-able options travel)")
+        raise OptionError(f"option {bad[0]!r} cannot be used with --distributed (only JSON-able options travel)")
     options = dict(options)
     if options.get("logit_bias"):
         options["logit_bias"] = [[int(k), float(v)] for k, v in options["logit_bias"].items()]
@@ -200,7 +201,7 @@ class DistributedChat:
         self._dm._run({"op": "chat.reset", "id": self._sid, "system": system})
 
     def save(self, path: str | Path) -> None:
-        raise ValueError(
+        raise CacheFileError(
             "saving a chat session is not supported with --distributed (each rank holds part of its KV cache)"
         )
 

@@ -41,12 +41,8 @@ import mlx.core as mx
 
 from mlx_mixtral.cache import Cache
 from mlx_mixtral.config import ModelArgs
+from mlx_mixtral.errors import ShardError
 from mlx_mixtral.model import MLP, Attention, Mixtral, SparseMoE
-
-
-class ShardError(ValueError):
-    """The model cannot be split over this many ranks; the message says why in one line."""
-
 
 # Which parameters are split, and how, by their (sanitized) name.
 _KINDS = [

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_mixtral.generate import GenerationResponse, prompt_ids
 from mlx_mixtral.sampling import validate_token_ids
-from mlx_mixtral.server.protocol import APIError, ChatAnswer, CompletionAnswer, Limits, generation_options, sse
+from mlx_mixtral.server.protocol import APIError, ChatAnswer, CompletionAnswer, Limits, request_options, sse
 from mlx_mixtral.server.schema import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -328,7 +328,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         except ValueError as e:  # the chat format refused the conversation (order of roles, ...)
             raise APIError(400, f"messages: {e}", param="messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
-        options = generation_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits, top)
+        options = request_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits, top)
         return await respond(ids, options, ChatAnswer(settings.model_id, tokenizer, len(ids), top), req, request)
 
     @app.post("/v1/completions", response_model=Completion, responses=stream_doc("Completion"))
@@ -337,7 +337,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         if req.echo or req.suffix is not None:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
         ids = await run_in_threadpool(_completion_prompt, tokenizer, req.prompt, limits.vocab_size)
-        options = generation_options(req, len(ids), req.max_tokens, limits, req.logprobs)
+        options = request_options(req, len(ids), req.max_tokens, limits, req.logprobs)
         options["continuation"] = True  # a completion continues the prompt's text: keep its first space
         answer = CompletionAnswer(settings.model_id, tokenizer, len(ids), req.logprobs)
         return await respond(ids, options, answer, req, request)

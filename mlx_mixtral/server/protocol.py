@@ -15,8 +15,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.generate import GenerationResponse
-from mlx_mixtral.sampling import make_sampler
+from mlx_mixtral.options import fit_to_context, generation_options
 from mlx_mixtral.server.schema import MAX_STOP, _Sampling
 from mlx_mixtral.tokenizer.detokenizer import BYTE_PIECE, SPACE
 
@@ -47,11 +48,12 @@ class Limits:
     vocab_size: int
 
 
-def generation_options(
+def request_options(
     req: _Sampling, prompt_len: int, max_tokens: int | None, limits: Limits, top_logprobs: int | None
 ) -> dict[str, Any]:
     """stream_generate's keyword options for a request whose prompt is `prompt_len` tokens and that
-    asks for `top_logprobs` alternatives per token (None: no logprobs at all)."""
+    asks for `top_logprobs` alternatives per token (None: no logprobs at all). What the request
+    gets wrong is a 400 before anything is queued."""
     if max_tokens is not None and max_tokens > limits.max_tokens_cap:
         raise APIError(
             400,
@@ -59,39 +61,34 @@ def generation_options(
             param="max_tokens",
             code="invalid_value",
         )
-    limit = limits.max_tokens_cap if max_tokens is None else max_tokens
-    if limits.context_length is not None:
-        room = limits.context_length - prompt_len
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt is {prompt_len} tokens and the model's context is "
-                f"{limits.context_length} tokens; shorten the messages",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        limit = min(limit, room)  # answers end with finish_reason "length" where the context does
+    try:
+        limit = fit_to_context(
+            prompt_len,
+            limits.max_tokens_cap if max_tokens is None else max_tokens,
+            limits.context_length,
+            hint="shorten the messages",
+        )
+    except ContextLimitError as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise APIError(400, f"stop has {len(stop)} sequences; at most {MAX_STOP} are allowed", param="stop")
-    options = dict(
-        max_tokens=limit,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        repetition_penalty=req.repetition_penalty,
-        stop=stop,
-        # stream_generate reports the chosen token's logprob only with logprobs >= 1.
-        logprobs=0 if top_logprobs is None else max(top_logprobs, 1),
-        seed=None if req.seed is None else req.seed % 2**64,
-        logit_bias=_logit_bias(req.logit_bias, limits.vocab_size),
-    )
-    try:  # the sampler's own checks, here so that a bad value is a 400 before anything is queued
-        make_sampler(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
-    except ValueError as e:
+    try:
+        return generation_options(
+            max_tokens=limit,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty,
+            stop=stop,
+            # stream_generate reports the chosen token's logprob only with logprobs >= 1.
+            logprobs=0 if top_logprobs is None else max(top_logprobs, 1),
+            seed=None if req.seed is None else req.seed % 2**64,
+            logit_bias=_logit_bias(req.logit_bias, limits.vocab_size),
+        )
+    except OptionError as e:
         raise APIError(400, str(e)) from None
-    return options
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:

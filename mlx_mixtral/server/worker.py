@@ -132,7 +132,7 @@ class DistributedEngine:
         return self.dm.follow()
 
     def fatal(self, error: BaseException) -> bool:
-        from mlx_mixtral.distributed.group import DistributedError
+        from mlx_mixtral.errors import DistributedError
 
         self.broken = self.broken or isinstance(error, DistributedError)
         return self.broken

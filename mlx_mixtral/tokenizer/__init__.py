@@ -5,7 +5,8 @@ SentencePiece and `tokenizers` encoders, detokenizer.py streaming decoding, chat
 Mistral instruct formats and Jinja chat templates.
 """
 
-from mlx_mixtral.tokenizer.core import Tokenizer, TokenizerError
+from mlx_mixtral.errors import TokenizerError
+from mlx_mixtral.tokenizer.core import Tokenizer
 from mlx_mixtral.tokenizer.files import load_tokenizer
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer"]

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 
+from mlx_mixtral.errors import ChatTemplateError
+
 MISTRAL_V1, MISTRAL_V3, JINJA = "mistral-v1", "mistral-v3", "jinja"
 _ROLES = ("system", "user", "assistant")
 # mistral-common's allowed successor roles (validator._validate_message_order, tool role left out).
@@ -51,39 +53,43 @@ def _text(message: Mapping, index: int) -> str:
         parts = []
         for part in content:
             if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ValueError(f"message {index}: only text content parts are supported, got {part!r:.80}")
+                raise ChatTemplateError(f"message {index}: only text content parts are supported, got {part!r:.80}")
             if part["text"]:
                 parts.append(part["text"])
         return _JOIN.join(parts)
-    raise ValueError(f"message {index}: content must be a string or a list of text parts, got {type(content).__name__}")
+    raise ChatTemplateError(
+        f"message {index}: content must be a string or a list of text parts, got {type(content).__name__}"
+    )
 
 
 def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[str, str]]:
     """Validate like mistral-common and return (role, text) pairs."""
     if not messages:
-        raise ValueError("the conversation is empty: expected at least one message")
+        raise ChatTemplateError("the conversation is empty: expected at least one message")
     pairs = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
+            raise ChatTemplateError(
+                f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}"
+            )
         role = message.get("role")
         if role not in _ROLES:
-            raise ValueError(
+            raise ChatTemplateError(
                 f"message {i}: role {role!r} is not supported by the Mistral format "
                 f"(expected one of {', '.join(_ROLES)})"
             )
         if role == "system" and message.get("content") is None:
-            raise ValueError(f"message {i}: system message has no content")
+            raise ChatTemplateError(f"message {i}: system message has no content")
         text = _text(message, i)
         if role == "assistant" and not text:
-            raise ValueError(f"message {i}: assistant message has no content")
+            raise ChatTemplateError(f"message {i}: assistant message has no content")
         if pairs and role not in _NEXT_ROLES[pairs[-1][0]]:
-            raise ValueError(f"message {i}: role {role!r} cannot follow role {pairs[-1][0]!r}")
+            raise ChatTemplateError(f"message {i}: role {role!r} cannot follow role {pairs[-1][0]!r}")
         pairs.append((role, text))
     if len(pairs) == 1 and pairs[0][0] == "assistant":
-        raise ValueError("message 0: a conversation of one message must start with a user or system message")
+        raise ChatTemplateError("message 0: a conversation of one message must start with a user or system message")
     if pairs[-1][0] == "assistant" and not final_assistant and len(pairs) > 1:
-        raise ValueError(
+        raise ChatTemplateError(
             "the last message is an assistant message: a prompt for a new answer must end with a "
             "user message (pass add_generation_prompt=False to encode a finished conversation, or "
             "continue_final_message=True to continue that answer)"
@@ -122,12 +128,12 @@ def encode_mistral(
 ) -> list[int]:
     """Token ids of a conversation in Mistral's instruct format v1 or v3 (see the module docstring)."""
     if continue_final_message and (not messages or (messages[-1] or {}).get("role") != "assistant"):
-        raise ValueError("continue_final_message=True needs an assistant message last")
+        raise ChatTemplateError("continue_final_message=True needs an assistant message last")
     pairs = _check(messages, final_assistant=continue_final_message or not add_generation_prompt)
     system, turns = _normalize(pairs)
     users = [i for i, (role, _) in enumerate(turns) if role == "user"]
     if version == MISTRAL_V3 and inst_ids is None:
-        raise ValueError(
+        raise ChatTemplateError(
             "the mistral-v3 format needs the [INST] and [/INST] control tokens, which this tokenizer does not have"
         )
     ids = [bos_id]
@@ -185,7 +191,7 @@ def _compile(source: str):
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ValueError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+        raise ChatTemplateError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
 
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where a continued answer ends, then is cut off
@@ -204,13 +210,13 @@ def render_jinja(
     import jinja2
 
     if continue_final_message and add_generation_prompt:
-        raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set")
     # Keys set to None are dropped, as transformers does (templates test `'key' in message`).
     chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
     final = None
     if continue_final_message:
         if not chat or not isinstance(chat[-1].get("content"), str):
-            raise ValueError("continue_final_message=True needs a last message with string content")
+            raise ChatTemplateError("continue_final_message=True needs a last message with string content")
         final = chat[-1]["content"]
         chat[-1]["content"] = final + _CONTINUE_TAG
     template = _compile(source)
@@ -222,11 +228,11 @@ def render_jinja(
             **{"tools": None, "documents": None, **special_tokens, **variables},
         )
     except jinja2.exceptions.TemplateError as e:
-        raise ValueError("chat template: " + " ".join(str(e).split())) from None
+        raise ChatTemplateError("chat template: " + " ".join(str(e).split())) from None
     if final is not None:
         tag = _CONTINUE_TAG.strip()
         if final.strip() not in text or tag not in text:
-            raise ValueError("continue_final_message=True but the chat template dropped the final message")
+            raise ChatTemplateError("continue_final_message=True but the chat template dropped the final message")
         cut = text.rindex(tag)
         # Keep the answer exactly as given; a template that trims the message loses its trailing space.
         text = text[:cut] if text[cut : cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:cut].rstrip()

@@ -9,15 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mlx_mixtral.errors import ChatTemplateError
 from mlx_mixtral.tokenizer.backends import SentencePieceBackend, TokenizersBackend
 from mlx_mixtral.tokenizer.chat_template import JINJA, MISTRAL_V1, MISTRAL_V3, encode_mistral, render_jinja
 from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, StreamingDetokenizer, WindowDetokenizer
 
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be loaded; the message is one line naming the directory or file."""
 
 
 class Tokenizer:
@@ -119,12 +116,12 @@ class Tokenizer:
         if "{{" in name or "{%" in name:
             return name
         if name == "default":
-            raise ValueError(
+            raise ChatTemplateError(
                 f"{self.name or 'this tokenizer'}: no Jinja chat template (chat_template in "
                 f"tokenizer_config.json or chat_template.jinja); use mistral-v1 or mistral-v3"
             )
         known = [MISTRAL_V1, MISTRAL_V3, JINJA, *sorted(k for k in self.chat_templates if k != "default")]
-        raise ValueError(f"unknown chat template {name!r}: expected one of {', '.join(known)} or Jinja source")
+        raise ChatTemplateError(f"unknown chat template {name!r}: expected one of {', '.join(known)} or Jinja source")
 
     def render_chat_template(
         self,
@@ -138,7 +135,7 @@ class Tokenizer:
         """The prompt text of a Jinja chat template (the Mistral formats are token-level, not text)."""
         source = self._jinja_source(template)
         if source is None:
-            raise ValueError("render_chat_template needs a Jinja template; the Mistral formats build tokens")
+            raise ChatTemplateError("render_chat_template needs a Jinja template; the Mistral formats build tokens")
         return render_jinja(
             source,
             messages,
@@ -179,7 +176,7 @@ class Tokenizer:
             return self.encode(text, bos=False)
         version = self.chat_template_name if template is None else template
         if self.bos_token_id is None:
-            raise ValueError("the Mistral chat format needs a BOS token, which this tokenizer does not have")
+            raise ChatTemplateError("the Mistral chat format needs a BOS token, which this tokenizer does not have")
         return encode_mistral(
             messages,
             version=version,

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mlx_mixtral.errors import TokenizerError
 from mlx_mixtral.tokenizer.backends import AddedToken, SentencePieceBackend, TokenizersBackend
-from mlx_mixtral.tokenizer.core import NAMED_TOKENS, Tokenizer, TokenizerError
+from mlx_mixtral.tokenizer.core import NAMED_TOKENS, Tokenizer
 
 
 def _read_json(path: Path) -> dict:

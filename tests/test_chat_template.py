@@ -188,6 +188,19 @@ def test_jinja_template_matches_transformers(jinja_pair):
     )
 
 
+def test_text_parts_follow_one_rule_in_every_format(jinja_pair):
+    """Text parts are joined as mistral-common joins chunks, for the Mistral formats (checked against
+    mistral-common itself) and for Jinja templates alike."""
+    ours, _ = jinja_pair
+    parts = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": ""},
+                                          {"type": "text", "text": "two"}]}]  # fmt: skip
+    joined = [U("one\n\ntwo")]
+    assert ours.apply_chat_template(parts) == ours.apply_chat_template(joined)
+    for version in ("v1", "v3"):
+        assert loaded_tokenizer(version).apply_chat_template(parts) == _reference(version, parts)
+        assert _reference(version, parts) == _reference(version, joined)
+
+
 def test_jinja_template_writes_bos_once():
     ours = load_tokenizer(
         write_sp_dir(tokenizer_dir("v1").parent / "bos_once", "v1", tokenizer_config("v1", chat_template=CHATML))

@@ -87,6 +87,21 @@ def test_chat_streaming_equals_non_streaming(client, server, ref):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_content_parts_are_joined_as_mistral_common_joins_them(client, server, ref):
+    """Text parts in several messages (system included): the prompt is mistral-common's token ids
+    for the same parts, and the answer transformers' greedy answer to them."""
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}]},
+        {"role": "user", "content": [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second."}]},
+    ]
+    ids = ref.chat_ids(messages)
+    assert ids == ref.chat_ids([{"role": "system", "content": "Be brief.\n\nBe kind."},
+                                {"role": "user", "content": "First part.\n\nSecond."}])  # fmt: skip
+    r = _chat(client, server, messages, max_tokens=8)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == ref.greedy(ids, 8)[1]
+
+
 def test_stop_strings(client, server):
     messages = [{"role": "user", "content": "Count with me"}]
     full = _chat(client, server, messages, max_tokens=24).choices[0].message.content

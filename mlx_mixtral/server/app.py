@@ -322,7 +322,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                 f"messages has {len(req.messages)} entries; this server allows at most {settings.max_messages}",
                 param="messages",
             )
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        messages = [m.for_template() for m in req.messages]
         try:
             ids = await run_in_threadpool(tokenizer.apply_chat_template, messages, True, settings.chat_template)
         except ValueError as e:  # the chat format refused the conversation (order of roles, ...)

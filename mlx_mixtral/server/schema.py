@@ -56,8 +56,11 @@ class ChatMessage(_Request):
     content: str | list[TextPart]
     name: str | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def for_template(self) -> dict:
+        """The message as the chat template takes it; text parts stay parts (the tokenizer joins them)."""
+        role = "system" if self.role == "developer" else self.role
+        content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
+        return {"role": role, "content": content}
 
 
 class StreamOptions(_Request):

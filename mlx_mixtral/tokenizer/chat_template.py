@@ -42,9 +42,10 @@ _NEXT_ROLES = {
 _JOIN = "\n\n"
 
 
-def _text(message: Mapping, index: int) -> str:
-    """A message's text; a list of OpenAI-style text parts is joined as mistral-common joins chunks."""
-    content = message.get("content")
+def content_text(content: object, index: int) -> str:
+    """The text of message `index`'s content: a string, or a list of OpenAI-style text parts
+    ({"type": "text", "text": ...}) joined as mistral-common joins text chunks: non-empty parts
+    with a blank line between them. The one rule for every chat format and every caller."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -80,7 +81,7 @@ def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[
             )
         if role == "system" and message.get("content") is None:
             raise ChatTemplateError(f"message {i}: system message has no content")
-        text = _text(message, i)
+        text = content_text(message.get("content"), i)
         if role == "assistant" and not text:
             raise ChatTemplateError(f"message {i}: assistant message has no content")
         if pairs and role not in _NEXT_ROLES[pairs[-1][0]]:
@@ -213,6 +214,9 @@ def render_jinja(
         raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set")
     # Keys set to None are dropped, as transformers does (templates test `'key' in message`).
     chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
+    for i, m in enumerate(chat):
+        if isinstance(m.get("content"), list):  # text parts become one text, as for the Mistral formats
+            m["content"] = content_text(m["content"], i)
     final = None
     if continue_final_message:
         if not chat or not isinstance(chat[-1].get("content"), str):

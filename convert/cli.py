@@ -11,8 +11,9 @@ import signal
 import sys
 
 from mlx_mixtral.convert.card import describe_quantization, model_stats
-from mlx_mixtral.convert.pipeline import DTYPES, Progress, convert
+from mlx_mixtral.convert.pipeline import Progress, convert
 from mlx_mixtral.convert.quant import MODES, RECIPES
+from mlx_mixtral.dtypes import FLOAT_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         "*_attn also raises every attention projection",
     )
     p.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="dtype of everything not quantized (default: as stored)"
+        "--dtype",
+        choices=list(FLOAT_DTYPES),
+        default=None,
+        help="dtype of everything not quantized (default: as stored)",
     )
     p.add_argument("-d", "--dequantize", action="store_true", help="turn a quantized MLX model into floats")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 500MB or 5GB (default 5GB)")

@@ -25,9 +25,9 @@ from mlx_mixtral.convert.quant import DEFAULT_BITS, DEFAULT_GROUP, config_entry,
 from mlx_mixtral.convert.shards import Entry, ShardWriter, parse_size
 from mlx_mixtral.convert.source import open_source
 from mlx_mixtral.convert.transform import Context, convert_group, make_context
-from mlx_mixtral.errors import ConvertError
+from mlx_mixtral.dtypes import dtype_name, parse_dtype
+from mlx_mixtral.errors import ConvertError, OptionError
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Files that travel with the weights (tokenizers of every Mistral generation, chat templates).
 COPY_PATTERNS = [
     "tokenizer.model",
@@ -119,11 +119,10 @@ def convert(
 
 
 def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
-    if dtype is None or dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ConvertError(f"unsupported dtype {dtype!r} (expected one of: {', '.join(DTYPES)})")
+    try:
+        return parse_dtype(dtype)
+    except OptionError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _overlaps(source: Path, dst: Path) -> bool:
@@ -206,7 +205,7 @@ def _output_config(ctx: Context, decisions: dict[str, dict | bool]) -> dict:
     for key in ("quantization", "quantization_config", "_name_or_path"):
         config.pop(key, None)
     if ctx.dtype is not None:
-        name = next(k for k, v in DTYPES.items() if v == ctx.dtype)
+        name = dtype_name(ctx.dtype)
         for key in ("torch_dtype", "dtype"):
             if key in config:
                 config[key] = name

@@ -20,21 +20,10 @@ from typing import BinaryIO
 
 import mlx.core as mx
 
+from mlx_mixtral.dtypes import SAFETENSORS_CODE
 from mlx_mixtral.errors import ConvertError
 from mlx_mixtral.weights import INDEX_NAME
 
-_DTYPE_NAMES = {
-    mx.float32: "F32",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.uint32: "U32",
-    mx.uint8: "U8",
-    mx.int8: "I8",
-    mx.int32: "I32",
-    mx.uint16: "U16",
-    mx.int16: "I16",
-    mx.bool_: "BOOL",
-}
 _UNITS = {
     "": 1,
     "B": 1,
@@ -94,7 +83,7 @@ def _header(entries: list[Entry]) -> bytes:
     offset = 0
     for e in entries:
         header[e.name] = {
-            "dtype": _DTYPE_NAMES[e.dtype],
+            "dtype": SAFETENSORS_CODE[e.dtype],
             "shape": list(e.shape),
             "data_offsets": [offset, offset + e.nbytes],
         }
@@ -108,7 +97,7 @@ class ShardWriter:
     """Writes planned tensors in plan order into `directory`, one shard file after another."""
 
     def __init__(self, directory: Path, entries: list[Entry], max_bytes: int):
-        unknown = [e for e in entries if e.dtype not in _DTYPE_NAMES]
+        unknown = [e for e in entries if e.dtype not in SAFETENSORS_CODE]
         if unknown:
             raise ConvertError(
                 f"tensor {unknown[0].name!r} has dtype {unknown[0].dtype}, which safetensors "

@@ -15,12 +15,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_mixtral.config import ModelArgs, read_config
+from mlx_mixtral.config import ModelArgs, is_native_params, read_config
+from mlx_mixtral.dtypes import SAFETENSORS
 from mlx_mixtral.errors import ConfigError, ConvertError, LoadError, WeightsError
 from mlx_mixtral.loader import resolve_model_dir
 from mlx_mixtral.weights import TensorInfo, find_weight_files, read_headers
 
-FLOAT_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 # Packed weights of an MLX-quantized checkpoint, and the 8-bit shared scales of mxfp4/mxfp8/nvfp4.
 _PACKED_DTYPES = {"U32": ".weight", "U8": ".scales"}
 
@@ -39,7 +39,7 @@ class Source:
     @property
     def native(self) -> bool:
         """Mistral's own layout (params.json + consolidated*.safetensors)."""
-        return "dim" in self.config and "n_layers" in self.config
+        return is_native_params(self.config)
 
     @property
     def quantized(self) -> bool:
@@ -48,8 +48,8 @@ class Source:
     @property
     def float_dtype(self) -> mx.Dtype:
         """The most common floating dtype of the stored tensors (bfloat16 if there is none)."""
-        counts = Counter(info.dtype for info in self.tensors.values() if info.dtype in FLOAT_DTYPES)
-        return FLOAT_DTYPES[counts.most_common(1)[0][0]] if counts else mx.bfloat16
+        counts = Counter(info.dtype for info in self.tensors.values() if SAFETENSORS[info.dtype].is_float)
+        return SAFETENSORS[counts.most_common(1)[0][0]].mlx if counts else mx.bfloat16
 
     def groups(self) -> list[tuple[str, list[str]]]:
         """Tensor names by layer, in model order: embeddings, layers 0..N-1, then the rest
@@ -93,7 +93,7 @@ def open_source(path_or_repo: str | Path, revision: str | None = None) -> Source
 
 def _check_dtypes(tensors: dict[str, TensorInfo]) -> None:
     for name, info in tensors.items():
-        if info.dtype in FLOAT_DTYPES:
+        if SAFETENSORS[info.dtype].is_float:
             continue
         suffix = _PACKED_DTYPES.get(info.dtype)
         if suffix and name.endswith(suffix):

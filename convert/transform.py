@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_mixtral.config import config_path
 from mlx_mixtral.convert.quant import QuantPlan
 from mlx_mixtral.convert.source import Source
 from mlx_mixtral.errors import ConvertError, LoadError
 from mlx_mixtral.loader import quantize_like_checkpoint
 from mlx_mixtral.model import Mixtral, sanitize
+from mlx_mixtral.weights import tensor_mismatch
 
 # What a module's output is: a quantization dict, False (quantizable but kept in floating
 # point), or None (not a quantizable module, e.g. a norm).
@@ -32,6 +34,7 @@ class Context:
     dtype: mx.Dtype | None  # cast floating point tensors to this (None: keep each one's dtype)
     requantize: bool  # dequantize an MLX source's quantized modules (then maybe quantize again)
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)  # float shapes by name
+    config_name: str = "config.json"  # the source's config file, for error messages
     quantizable: set[str] = field(default_factory=set)  # module paths that have to_quantized
     source_quant: dict[str, dict] = field(default_factory=dict)  # an MLX source's settings by module
 
@@ -46,6 +49,7 @@ def make_context(source: Source, plan: QuantPlan | None, dtype: mx.Dtype | None,
     ctx = Context(source, plan, dtype, requantize)
     skeleton = Mixtral(source.args)
     ctx.expected = {name: tuple(v.shape) for name, v in tree_flatten(skeleton.parameters())}
+    ctx.config_name = config_path(source.path).name
     ctx.quantizable = {path for path, m in skeleton.named_modules() if hasattr(m, "to_quantized")}
     if source.quantized:
         # The loader's own rule reads each module's bits and group size off the tensor shapes.
@@ -121,14 +125,9 @@ def convert_module(path: str, parts: dict[str, mx.array], ctx: Context) -> tuple
         weight = parts["weight"]
 
     name = f"{path}.weight"
-    if name not in ctx.expected:
-        raise ConvertError(
-            f"{src.path}: unexpected tensor {name!r} (not part of a {src.args.model_type} model with this config)"
-        )
-    if tuple(weight.shape) != ctx.expected[name]:
-        raise ConvertError(
-            f"{src.path}: tensor {name!r} has shape {list(weight.shape)}, the config implies {list(ctx.expected[name])}"
-        )
+    problem = tensor_mismatch(name, tuple(weight.shape), ctx.expected, src.args.model_type, ctx.config_name)
+    if problem:
+        raise ConvertError(f"{src.path}: {problem}")
 
     if quantized_in and not ctx.requantize:
         # Reshard only: keep the packed tensors bit for bit.

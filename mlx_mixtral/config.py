@@ -70,7 +70,7 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a Hugging Face config.json dict (or Mistral params.json, detected by its keys)."""
-        if "dim" in config and "n_layers" in config:
+        if is_native_params(config):
             return cls.from_params(config)
         model_type = config.get("model_type")
         if model_type is None:
@@ -162,14 +162,25 @@ def _read_rope(config: dict[str, Any], default_theta: float) -> tuple[float, flo
     raise ConfigError(f"unsupported rope_type {rope_type!r} in config (expected 'default' or 'linear')")
 
 
+def is_native_params(config: dict[str, Any]) -> bool:
+    """Whether a config dict is Mistral's native params.json (dim, n_layers, ...) rather than HF's."""
+    return "dim" in config and "n_layers" in config
+
+
+CONFIG_NAMES = ("config.json", "params.json")  # Hugging Face's, then Mistral's native one
+
+
+def config_path(model_dir: str | Path) -> Path | None:
+    """The config file of a model directory: config.json, else Mistral's params.json (None: neither)."""
+    return next((Path(model_dir) / n for n in CONFIG_NAMES if (Path(model_dir) / n).is_file()), None)
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
-    """The raw config dict of a model directory: config.json, else Mistral's params.json."""
-    model_dir = Path(model_dir)
-    for name in ("config.json", "params.json"):
-        path = model_dir / name
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    raise ConfigError(f"{model_dir}: no config.json or params.json found")
+    """The raw config dict of a model directory (see `config_path`)."""
+    path = config_path(model_dir)
+    if path is None:
+        raise ConfigError(f"{model_dir}: no config.json or params.json found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None

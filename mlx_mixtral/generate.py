@@ -162,7 +162,7 @@ class StopMatcher:
 def prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]:
     """A prompt as token ids: text is encoded with BOS, ids are taken as given."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, bos=True)
+        return tokenizer.encode(prompt, add_special_tokens=True)
     if isinstance(prompt, mx.array):
         return [int(t) for t in prompt.tolist()]
     return [int(t) for t in prompt]

@@ -13,10 +13,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_mixtral.config import ModelArgs, read_config
+from mlx_mixtral.config import ModelArgs, config_path, read_config
 from mlx_mixtral.errors import ConfigError, LoadError, WeightsError
 from mlx_mixtral.model import HF_EXPERT_NAMES, Mixtral, sanitize
-from mlx_mixtral.weights import INDEX_NAME, TensorInfo, find_weight_files, read_headers, read_weight_map
+from mlx_mixtral.weights import (
+    INDEX_NAME,
+    TensorInfo,
+    find_weight_files,
+    read_headers,
+    read_weight_map,
+    tensor_mismatch,
+)
 
 # What a model needs from a hub repository; the weights are chosen once the index is known.
 _HUB_METADATA = ["*.json", "*.jinja", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
@@ -209,18 +216,12 @@ def check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: d
             f"{model_dir}: missing tensor {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise LoadError(
-            f"{model_dir / _source_file(unexpected[0], headers)}: unexpected tensor {unexpected[0]!r} "
-            f"(not part of a {model.args.model_type} model with this config)"
-        )
+    shapes = {name: tuple(v.shape) for name, v in expected.items()}
+    config_name = config_path(model_dir).name
     for name in sorted(weights):
-        if weights[name].shape != expected[name].shape:
-            raise LoadError(
-                f"{model_dir / _source_file(name, headers)}: tensor {name!r} has shape "
-                f"{list(weights[name].shape)}, config.json implies {list(expected[name].shape)}"
-            )
+        problem = tensor_mismatch(name, tuple(weights[name].shape), shapes, model.args.model_type, config_name)
+        if problem:
+            raise LoadError(f"{model_dir / _source_file(name, headers)}: {problem}")
 
 
 def _physical_memory() -> tuple[int, int | None]:

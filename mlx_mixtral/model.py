@@ -165,6 +165,26 @@ class Mixtral(nn.Module):
         return sanitize(weights, self.args)
 
 
+# Parameter name fragment -> the part of the model it belongs to, first match wins (HF and mlx-lm
+# names, stacked or per-expert).
+_PARTS = [
+    ("embed_tokens", "embedding"),
+    ("switch_mlp", "experts"),
+    (".experts.", "experts"),
+    ("lm_head", "lm_head"),
+    ("block_sparse_moe.gate", "router"),
+    ("self_attn", "attention"),
+    (".mlp.", "dense mlp"),
+    ("norm", "norms"),
+]
+
+
+def weight_part(name: str) -> str:
+    """Which part of the model a (checkpoint or parameter) tensor belongs to: embedding, experts,
+    lm_head, router, attention, dense mlp, norms, or other."""
+    return next((part for fragment, part in _PARTS if fragment in name), "other")
+
+
 # Mistral's native (consolidated.safetensors) names -> Hugging Face names.
 _NATIVE_NAMES = [
     (r"^tok_embeddings\.", "model.embed_tokens."),

@@ -10,30 +10,15 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_mixtral.dtypes import SAFETENSORS
 from mlx_mixtral.errors import WeightsError
 
 INDEX_NAME = "model.safetensors.index.json"
 
-DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "I16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "U32": 4,
-    "I32": 4,
-    "F32": 4,
-    "U64": 8,
-    "I64": 8,
-    "F64": 8,
-}
 # Header sizes above this are not a model header but a corrupt length field.
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -81,9 +66,9 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise WeightsError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        if dtype not in DTYPE_BYTES:
+        if dtype not in SAFETENSORS:
             raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+        if end - start != math.prod(shape) * SAFETENSORS[dtype].nbytes:
             raise WeightsError(
                 f"{path}: tensor {name!r} byte range {start}..{end} does not match shape {list(shape)} of {dtype}"
             )
@@ -94,6 +79,18 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             )
         tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
     return tensors
+
+
+def tensor_mismatch(
+    name: str, shape: tuple[int, ...], expected: Mapping[str, tuple[int, ...]], model_type: str, config_name: str
+) -> str | None:
+    """What is wrong with a (sanitized) tensor for a model whose parameters have the `expected`
+    shapes, or None: it is not one of them, or its shape is not the one the config implies."""
+    if name not in expected:
+        return f"unexpected tensor {name!r} (not part of a {model_type} model with this config)"
+    if tuple(shape) != tuple(expected[name]):
+        return f"tensor {name!r} has shape {list(shape)}, {config_name} implies {list(expected[name])}"
+    return None
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:

@@ -51,7 +51,7 @@ def run_served(prefix_cache) -> list[dict]:
 def main() -> int:
     out, model_dir = sys.argv[1:3]
     dm = DistributedModel.start(model_dir)
-    print(dm.describe(), file=sys.stderr, flush=True)
+    print(dm.shard_summary(), file=sys.stderr, flush=True)
     if not dm.is_leader:
         return dm.follow()
     result = {

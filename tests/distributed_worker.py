@@ -22,7 +22,7 @@ import numpy as np
 
 from mlx_mixtral.distributed.group import check_same_model, follow, init_group, lead, release_followers
 from mlx_mixtral.distributed.loader import load_sharded
-from mlx_mixtral.distributed.sharding import describe
+from mlx_mixtral.distributed.sharding import shard_summary
 from mlx_mixtral.errors import DistributedError, LoadError, ShardError
 
 PROMPT = [1, 17, 93, 5, 64, 101, 3, 77, 12, 45, 8]
@@ -57,7 +57,7 @@ def main() -> int:
     hang_rank, hang_after = map(int, args.hang.split(":")) if args.hang else (-1, 0)
     check_same_model(group, model_dir)
     model = load_sharded(model_dir, group)
-    print(describe(model.shard_plan, rank), file=sys.stderr, flush=True)
+    print(shard_summary(model.shard_plan, rank), file=sys.stderr, flush=True)
 
     def run(request):
         for i, item in enumerate(greedy(model, request["prompt"], request["steps"])):

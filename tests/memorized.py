@@ -54,7 +54,7 @@ CONFIG = dict(
 
 def training_sequences(tokenizer) -> list[list[int]]:
     return [
-        tokenizer.encode(TEXT_PROMPT + TEXT_CONTINUATION, bos=True),
+        tokenizer.encode(TEXT_PROMPT + TEXT_CONTINUATION, add_special_tokens=True),
         tokenizer.apply_chat_template(TRANSCRIPT, add_generation_prompt=False),
     ]
 

@@ -38,7 +38,7 @@ def _run(*args, stdin=None):
 def test_generate_prints_only_the_completion(memorized):
     tok = load_tokenizer(memorized)
     expected = TEXT_CONTINUATION  # the prompt's text continues, word-boundary space included
-    n = len(tok.encode(TEXT_CONTINUATION.strip(), bos=False))
+    n = len(tok.encode(TEXT_CONTINUATION.strip(), add_special_tokens=False))
     r = _run("generate", "--model", str(memorized), "--prompt", TEXT_PROMPT, "--max-tokens", str(n))
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected  # nothing but the completion, not even a newline when piped

@@ -141,7 +141,7 @@ def _unknown_model_type(src):
 def _wrong_shape(src):
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
-    return "has shape .* the config implies"
+    return "has shape .* config.json implies"
 
 
 def _missing_tensor(src):

@@ -64,7 +64,7 @@ def test_chunks_join_to_the_full_decode(kind, skip_special, data):
 def test_streamed_text_is_never_broken(text):
     for kind in KINDS:
         ours = loaded_tokenizer(kind)
-        ids = ours.encode(text, bos=False)
+        ids = ours.encode(text, add_special_tokens=False)
         chunks = _stream(ours.detokenizer(), ids)
         assert "".join(chunks) == ours.decode(ids)
         assert not any("\ufffd" in c for c in chunks), (text, chunks)
@@ -72,12 +72,12 @@ def test_streamed_text_is_never_broken(text):
 
 def test_space_between_words_survives_chunk_boundaries(pair):
     _, ours, _ = pair
-    ids = ours.encode("Hello world, how  are you?", bos=False)
+    ids = ours.encode("Hello world, how  are you?", add_special_tokens=False)
     chunks = _stream(ours.detokenizer(), ids)
     assert chunks[:2] == ["Hello", " world"]  # only the very first word loses its dummy-prefix space
     assert "".join(chunks) == "Hello world, how  are you?"
     # A fresh detokenizer per answer: an answer starting with a space piece decodes as decode() does.
-    ids = ours.encode(" Sure", bos=False)
+    ids = ours.encode(" Sure", add_special_tokens=False)
     assert _stream(ours.detokenizer(), ids) == ["", " Sure", ""] and ours.decode(ids) == " Sure"
 
 
@@ -85,7 +85,7 @@ def test_incomplete_utf8_is_held_back(pair):
     kind, ours, hf = pair
     byte0 = BYTE0[kind[:2]]
     emoji = [byte0 + b for b in "🦙".encode()]  # a rare emoji: four byte-fallback pieces
-    x = ours.encode("x", bos=False)
+    x = ours.encode("x", add_special_tokens=False)
     det = ours.detokenizer()
     assert [det.add_token(i) for i in emoji] == ["", "", "", ""]
     assert det.add_token(x[0]) == "🦙 x"
@@ -101,7 +101,7 @@ def test_incomplete_utf8_is_held_back(pair):
 def test_constant_work_per_token(pair, monkeypatch):
     """The exact detokenizer never re-decodes; the window fallback decodes only a few tokens."""
     _, ours, _ = pair
-    ids = ours.encode("The quick brown fox jumps over the lazy dog. 日本語 😀 " * 150, bos=False)
+    ids = ours.encode("The quick brown fox jumps over the lazy dog. 日本語 😀 " * 150, add_special_tokens=False)
     assert len(ids) > 2500
     det = ours.detokenizer()
     assert isinstance(det, PieceDetokenizer)
@@ -148,7 +148,7 @@ def test_window_fallback_holds_incomplete_characters(pair):
     """With byte-fallback pieces the window fallback waits for whole characters too. (It is exact
     for valid UTF-8; an invalid run after a valid one is where only PieceDetokenizer is exact.)"""
     _, ours, _ = pair
-    ids = ours.encode("llama 🦙🦙 and 𝄞 and 日本", bos=False)
+    ids = ours.encode("llama 🦙🦙 and 𝄞 and 日本", add_special_tokens=False)
     chunks = _stream(WindowDetokenizer(ours.decode), ids)
     assert "".join(chunks) == ours.decode(ids) and not any("\ufffd" in c for c in chunks)
 
@@ -159,8 +159,8 @@ def test_continuation_keeps_the_first_space(pair, window_tokenizer, window):
     _, ours, _ = pair
     if window:
         ours = window_tokenizer[0]
-    prompt = ours.encode("The capital of France is", bos=False)
-    completion = ours.encode("The capital of France is Paris, 🦙 not Lyon", bos=False)[len(prompt) :]
+    prompt = ours.encode("The capital of France is", add_special_tokens=False)
+    completion = ours.encode("The capital of France is Paris, 🦙 not Lyon", add_special_tokens=False)[len(prompt) :]
     det = ours.detokenizer(continuation=True)
     assert isinstance(det, WindowDetokenizer) == window
     chunks = _stream(det, completion)

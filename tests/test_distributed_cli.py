@@ -39,7 +39,7 @@ def _launched(n: int, *args: str, stdin: str | None = None) -> subprocess.Comple
 
 def test_generate_distributed_prints_the_memorized_continuation(memorized):
     tok = load_tokenizer(memorized)
-    n = len(tok.encode(TEXT_CONTINUATION.strip(), bos=False))
+    n = len(tok.encode(TEXT_CONTINUATION.strip(), add_special_tokens=False))
     args = ("generate", "--model", str(memorized), "--prompt", TEXT_PROMPT, "--max-tokens", str(n))
     run = _launched(2, *args)
     assert run.stdout == _single(*args).stdout, run.stderr

@@ -191,7 +191,7 @@ def test_every_eos_id_of_generation_config_stops(memorized, tmp_path):
     model_dir = tmp_path / "m"
     shutil.copytree(memorized, model_dir)
     model, tok = load(model_dir)
-    period = tok.encode("tree.", bos=False)[-1]
+    period = tok.encode("tree.", add_special_tokens=False)[-1]
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, period]}))
     model, tok = load(model_dir)
     assert tok.eos_token_ids == {2, period}

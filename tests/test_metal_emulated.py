@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_mixtral.dtypes import FLOAT_DTYPES
 from mlx_mixtral.metal.emulator import runner, verify
 from mlx_mixtral.metal.kernels import DOWN, GATE_UP, kernel_text
 
@@ -24,7 +25,7 @@ def emulated(tmp_path_factory):
     cache = tmp_path_factory.mktemp("metal_emulator")
     cases = [verify.make_case(c, seed=i) for i, c in enumerate(CONFIGS)]
     kernels = [verify.capture(c, case) for c, case in zip(CONFIGS, cases)]
-    by_dtype = {d: [i for i, c in enumerate(CONFIGS) if c.dtype == d] for d in verify.DTYPES}
+    by_dtype = {d: [i for i, c in enumerate(CONFIGS) if c.dtype == d] for d in FLOAT_DTYPES}
     binaries = verify.build_all([[k for i in idx for k in kernels[i]] for idx in by_dtype.values()], cache)
     where = {}
     for binary, idx in zip(binaries, by_dtype.values()):
@@ -42,7 +43,7 @@ def test_generated_kernels_match_float64(emulated, config):
 
 def test_matrix_covers_every_dtype_group_bits_k_and_address_space():
     assert {(c.dtype, c.group_size, c.bits) for c in CONFIGS} == {
-        (d, g, b) for d in verify.DTYPES for g in (32, 64, 128) for b in (4, 8)
+        (d, g, b) for d in FLOAT_DTYPES for g in (32, 64, 128) for b in (4, 8)
     }
     assert {c.top_k for c in CONFIGS} == {1, 2, 3}
     assert {(c.top_k, c.small_buffers) for c in CONFIGS} == {(k, s) for k in (1, 2, 3) for s in (True, False)}
@@ -52,7 +53,7 @@ def test_matrix_covers_every_dtype_group_bits_k_and_address_space():
         for c in CONFIGS
         if c.geometry.ffn % (2 * c.rows_per_simdgroup) and c.geometry.hidden % (2 * c.rows_per_simdgroup)
     ]
-    assert {c.dtype for c in partial} == set(verify.DTYPES)
+    assert {c.dtype for c in partial} == set(FLOAT_DTYPES)
 
 
 def test_generated_signatures_use_constant_buffers_for_small_inputs(emulated):

@@ -6,6 +6,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_mixtral.dtypes import dtype_name
 from mlx_mixtral.experts import SwitchGLU, SwitchLinear, route
 from mlx_mixtral.metal import (
     ExpertGeometry,
@@ -22,7 +23,6 @@ from mlx_mixtral.metal.emulator.numeric import (
     PIPELINE_TOLERANCE,
     compare,
     down64,
-    dtype_name,
     gate_up64,
     to_f64,
     unpack_affine,

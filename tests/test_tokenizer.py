@@ -78,7 +78,8 @@ def test_encode_matches_transformers(pair):
     kind, ours, hf = pair
     for text in TEXTS:
         assert ours.encode(text) == hf.encode(text), (kind, text)
-        assert ours.encode(text, bos=False) == hf.encode(text, add_special_tokens=False), (kind, text)
+        assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), (kind, text)
+        assert ours.encode(text, bos=False) == ours.encode(text, add_special_tokens=False)  # the older name
 
 
 def test_decode_matches_transformers(pair):
@@ -97,6 +98,18 @@ def test_decode_matches_transformers(pair):
     for ids in sequences:
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), (kind, ids)
         assert ours.decode(ids, skip_special=False) == hf.decode(ids, skip_special_tokens=False), (kind, ids)
+
+
+def test_token_bytes_add_up_to_transformers_text(pair):
+    """Each token's bytes (what logprobs show), joined, are transformers' decoded text: byte-fallback
+    pieces are single bytes of a multi-byte character, the meta-space is a space."""
+    kind, ours, hf = pair
+    for text in TEXTS[:80]:
+        ids = hf.encode(text, add_special_tokens=False)
+        joined = b"".join(ours.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        decoded = hf.decode(ids)
+        assert joined in (decoded, " " + decoded), (kind, text)  # the dummy-prefix space is kept
+    assert ours.token_bytes(ours.eos_token_id) == b"</s>"
 
 
 def test_sentencepiece_and_tokenizer_json_dirs_agree():
@@ -192,7 +205,7 @@ def test_added_tokens_json_and_special_tokens_map(tmp_path):
     for text in ["<|im_start|>hi<|im_end|>", "a <|im_end|> b", "<s>x</s>"]:
         assert tok.encode(text) == hf.encode(text), text
         assert tok.decode(hf.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True), text
-    assert tok.encode("<|im_start|>hi<|im_end|>", bos=False)[::2] == [32001, 32000]
+    assert tok.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False)[::2] == [32001, 32000]
 
 
 def test_missing_tokenizer_files_error(tmp_path):

@@ -23,8 +23,8 @@ from mlx_mixtral.tokenizer import load_tokenizer
 
 
 def _continuation_ids(tok):
-    prompt = tok.encode(TEXT_PROMPT, bos=True)
-    full = tok.encode(TEXT_PROMPT + TEXT_CONTINUATION, bos=True)
+    prompt = tok.encode(TEXT_PROMPT, add_special_tokens=True)
+    full = tok.encode(TEXT_PROMPT + TEXT_CONTINUATION, add_special_tokens=True)
     assert full[: len(prompt)] == prompt  # the prompt ends at a word boundary
     return prompt, full[len(prompt) :]
 

@@ -19,14 +19,6 @@ KERNEL_TOLERANCE = {"float32": (1e-5, 1e-5), "float16": (2.0**-10, 1e-4), "bfloa
 PIPELINE_TOLERANCE = {"float32": (1e-5, 2e-5), "float16": (2.0**-9, 2.0**-8), "bfloat16": (2.0**-6, 2.0**-5)}
 
 
-# The activation dtypes the kernels build for, by the names the tolerances use.
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
-
-
 def to_f64(a: mx.array) -> np.ndarray:
     """Exact float64 copy of a float array (bfloat16 goes through float32, which holds it exactly)."""
     return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a).astype(np.float64)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlx_mixtral.dtypes import FLOAT_DTYPES
 from mlx_mixtral.metal.emulator import runner
 from mlx_mixtral.metal.emulator.numeric import (
-    DTYPES,
     KERNEL_TOLERANCE,
     PIPELINE_TOLERANCE,
     compare,
@@ -60,7 +60,7 @@ class Config:
     def geometry(self) -> ExpertGeometry:
         hidden, ffn = SIZES[self.group_size]
         return ExpertGeometry(
-            DTYPES[self.dtype],
+            FLOAT_DTYPES[self.dtype],
             self.group_size,
             self.bits,
             hidden,
@@ -93,7 +93,7 @@ def matrix() -> list[Config]:
     quantize down unlike gate/up (mixed-precision recipes)."""
     tokens_for = {(1, True): 3, (2, True): 3, (3, True): 2, (1, False): 8, (2, False): 4, (3, False): 3}
     configs = []
-    for d, dtype in enumerate(DTYPES):
+    for d, dtype in enumerate(FLOAT_DTYPES):
         for c, (group_size, bits) in enumerate(itertools.product((32, 64, 128), (4, 8))):
             k = 1 + (c + d) % 3
             small = (c // 3 + d) % 2 == 0
@@ -117,7 +117,7 @@ class Case:
 def make_case(config: Config, seed: int = 0) -> Case:
     g = config.geometry
     rng = np.random.default_rng(seed)
-    dtype = DTYPES[config.dtype]
+    dtype = FLOAT_DTYPES[config.dtype]
 
     def experts(n_out: int, n_in: int, kind: str) -> tuple:
         w = mx.array(rng.standard_normal((EXPERTS, n_out, n_in)).astype(np.float32) / np.sqrt(n_in))
@@ -193,7 +193,7 @@ def check(
     h_exact = gate_up64(x, ids, gate, up, config.top_k)
     errors = {"gate_up": compare(h, h_exact, KERNEL_TOLERANCE[name], f"{config.label} gate_up")}
 
-    h_in = mx.array(h.astype(np.float32)).astype(DTYPES[name])  # exactly the emulator's h
+    h_in = mx.array(h.astype(np.float32)).astype(FLOAT_DTYPES[name])  # exactly the emulator's h
     grid, group = g.grid(DOWN, config.tokens)
     y = runner.run(
         binary,
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or tmp
         runner.syntax_check([k for pair in kernels for k in pair], cache)
-        by_dtype = {d: [i for i, c in enumerate(configs) if c.dtype == d] for d in DTYPES}
+        by_dtype = {d: [i for i, c in enumerate(configs) if c.dtype == d] for d in FLOAT_DTYPES}
         binaries = build_all([[k for i in idx for k in kernels[i]] for idx in by_dtype.values()], cache)
         print(f"{'configuration':56} {'gate_up':>9} {'down':>9} {'pipeline':>9} {'TGs':>5} {'s':>5}")
         for binary, idx in zip(binaries, by_dtype.values()):

@@ -30,6 +30,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_mixtral.model import weight_part
+
 # Primitives that only re-describe memory (no read of their own); a read happens where their
 # output is consumed. StopGradient and Depends are identity edges in the graph.
 VIEW_PRIMITIVES = frozenset(
@@ -109,23 +111,6 @@ def _consumers(g: Graph, array: str) -> list[str]:
     return found
 
 
-# Parameter name fragment -> what it is, first match wins (HF / mlx-lm names).
-_KINDS = [
-    ("embed_tokens", "embedding"),
-    ("switch_mlp", "experts"),
-    (".experts.", "experts"),
-    ("lm_head", "lm_head"),
-    ("block_sparse_moe.gate", "router"),
-    ("self_attn", "attention"),
-    (".mlp.", "dense mlp"),
-    ("norm", "norms"),
-]
-
-
-def _kind(name: str) -> str:
-    return next((kind for fragment, kind in _KINDS if fragment in name), "other")
-
-
 @dataclass
 class WeightReads:
     bytes_read: int  # what the traced step reads from parameters
@@ -153,7 +138,7 @@ def weight_reads(
     read, minimum = Counter(), Counter()
     full_of_gathered = []
     for name, value in params.items():
-        kind = _kind(name)
+        kind = weight_part(name)
         rows = value.shape[0] if value.ndim else 1
         if kind == "embedding":
             least = value.nbytes * min(tokens, rows) // rows + (value.nbytes if tied else 0)
@@ -250,7 +235,7 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.2f} KB"
 
 
-def describe(account: DecodeAccount) -> list[str]:
+def report_lines(account: DecodeAccount) -> list[str]:
     """Lines for a report (the caller prints them)."""
     w = account.weights
     lines = [

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = accounting.prefill_cache(model, model.make_cache(), 16)
     account = accounting.account_decode_step(model, cache)
     del cache
-    for line in accounting.describe(account):
+    for line in accounting.report_lines(account):
         print(line, file=sys.stderr)
     itemsize = model.model.norm.weight.dtype.size  # the KV cache holds the compute dtype
 

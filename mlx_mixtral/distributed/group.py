@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 import numpy as np
 
+from mlx_mixtral.config import config_path
 from mlx_mixtral.errors import DistributedError
 from mlx_mixtral.weights import find_weight_files, read_header
 
@@ -181,7 +182,7 @@ def model_digest(model_dir: str | Path) -> bytes:
     without reading gigabytes). A corrupt weight file raises WeightsError naming it."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
-    config = next((model_dir / n for n in ("config.json", "params.json") if (model_dir / n).is_file()), None)
+    config = config_path(model_dir)
     if config is not None:
         h.update(config.read_bytes())
     for path in find_weight_files(model_dir):

@@ -17,27 +17,12 @@ import numpy as np
 
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.distributed.sharding import plan_shards, shard_modules
+from mlx_mixtral.dtypes import SAFETENSORS
 from mlx_mixtral.errors import LoadError, WeightsError
 from mlx_mixtral.loader import fill_model, read_model_dir
 from mlx_mixtral.model import Mixtral, sanitize
 from mlx_mixtral.weights import TensorInfo
 
-# safetensors dtype -> numpy dtype of the same width; bfloat16 travels as its raw 16 bits.
-_NUMPY = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,
-    "F64": np.float64,
-    "U8": np.uint8,
-    "I8": np.int8,
-    "U16": np.uint16,
-    "I16": np.int16,
-    "U32": np.uint32,
-    "I32": np.int32,
-    "U64": np.uint64,
-    "I64": np.int64,
-    "BOOL": np.bool_,
-}
 # Column slices are read a block of whole rows at a time; this bounds that block.
 READ_BLOCK_BYTES = 64 << 20
 
@@ -56,9 +41,10 @@ def _read_into(f, offset: int, out: np.ndarray) -> None:
 def read_slice(info: TensorInfo, spec: tuple[int, int, int] | None) -> mx.array:
     """Tensor `info`, or only rows (axis -2) / columns (axis -1) start:stop of its last two dims
     (leading dims, e.g. stacked experts, are kept whole), reading no other rows from disk."""
-    if info.dtype not in _NUMPY:
+    storage = SAFETENSORS.get(info.dtype)
+    if storage is None or storage.numpy is None:
         raise WeightsError(f"{info.file}: dtype {info.dtype} cannot be loaded here")
-    dtype = np.dtype(_NUMPY[info.dtype])
+    dtype = np.dtype(storage.numpy)
     shape = info.shape
     with open(info.file, "rb", buffering=0) as f:
         if spec is None:

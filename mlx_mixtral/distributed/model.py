@@ -27,7 +27,7 @@ import mlx.core as mx
 from mlx_mixtral.chat import ChatSession
 from mlx_mixtral.distributed.group import barrier, check_same_model, follow, init_group, lead, release_followers
 from mlx_mixtral.distributed.loader import load_sharded
-from mlx_mixtral.distributed.sharding import describe
+from mlx_mixtral.distributed.sharding import shard_summary
 from mlx_mixtral.errors import CacheFileError, OptionError
 from mlx_mixtral.generate import GenerationResponse, prompt_ids, stream_generate
 from mlx_mixtral.loader import resolve_model_dir
@@ -98,8 +98,8 @@ class DistributedModel:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        return describe(self.model.shard_plan, self.rank)
+    def shard_summary(self) -> str:
+        return shard_summary(self.model.shard_plan, self.rank)
 
     # --- rank 0 ---------------------------------------------------------------------------
     def stream_generate(self, prompt: str | Sequence[int] | mx.array, **options: Any) -> Iterator[GenerationResponse]:

@@ -45,7 +45,7 @@ from mlx_mixtral.errors import ShardError
 from mlx_mixtral.model import MLP, Attention, Mixtral, SparseMoE
 
 # Which parameters are split, and how, by their (sanitized) name.
-_KINDS = [
+_SPLITS = [
     (re.compile(r"\.self_attn\.q_proj\.(weight|scales|biases)$"), "q"),
     (re.compile(r"\.self_attn\.[kv]_proj\.(weight|scales|biases)$"), "kv"),
     (re.compile(r"\.self_attn\.o_proj\.(weight|scales|biases)$"), "o"),
@@ -54,8 +54,8 @@ _KINDS = [
 ]
 
 
-def _kind(name: str) -> str | None:
-    return next((kind for pattern, kind in _KINDS if pattern.search(name)), None)
+def _split_kind(name: str) -> str | None:
+    return next((kind for pattern, kind in _SPLITS if pattern.search(name)), None)
 
 
 def even_split(n: int, parts: int) -> tuple[int, ...]:
@@ -74,7 +74,7 @@ def _input_unit(shapes: Mapping[str, tuple[int, ...]], kind: str, full_in: int) 
     be cut: 1 for float weights, 32/bits for packed weights, the group size for scales/biases."""
     unit = 1
     for name, shape in shapes.items():
-        if _kind(name) == kind:
+        if _split_kind(name) == kind:
             unit = math.lcm(unit, full_in // math.gcd(full_in, shape[-1]))
     return unit
 
@@ -108,7 +108,7 @@ class ShardPlan:
     def element_range(self, name: str, rank: int) -> tuple[int, int, int] | None:
         """(axis, start, stop) in unquantized elements: output rows (axis -2) or input columns
         (axis -1) of parameter `name` that `rank` keeps; None when it is replicated."""
-        kind = _kind(name)
+        kind = _split_kind(name)
         if kind is None or (kind in ("q", "kv", "o") and self.kv_heads is None):
             return None
         if kind in ("ffn_rows", "ffn_cols"):
@@ -123,7 +123,7 @@ class ShardPlan:
         if spec is None or spec[0] == -2:
             return spec
         _, start, stop = spec
-        full_in = self.num_heads * self.head_dim if _kind(name) == "o" else sum(self.ffn)
+        full_in = self.num_heads * self.head_dim if _split_kind(name) == "o" else sum(self.ffn)
         cols = shape[-1]
         if (start * cols) % full_in or (stop * cols) % full_in:
             raise ShardError(
@@ -168,7 +168,7 @@ def plan_shards(args: ModelArgs, size: int, shapes: Mapping[str, tuple[int, ...]
     return ShardPlan(size, dh, q_per_kv, n_heads, kv_heads, ffn, note)
 
 
-def describe(plan: ShardPlan, rank: int) -> str:
+def shard_summary(plan: ShardPlan, rank: int) -> str:
     """One line for logs: what this rank holds."""
     f0, f1 = plan.ffn_range(rank)
     if plan.kv_heads is None:

@@ -19,7 +19,6 @@ from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.options import fit_to_context, generation_options
 from mlx_mixtral.server.schema import MAX_STOP, _Sampling
-from mlx_mixtral.tokenizer.detokenizer import BYTE_PIECE, SPACE
 
 
 class APIError(Exception):
@@ -105,15 +104,9 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
 
 
 def token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
-    """A token as OpenAI's logprobs show it: its text and UTF-8 bytes. SentencePiece byte-fallback
-    pieces (<0x0A>) are single bytes, and the word-boundary mark is a space."""
-    piece = tokenizer.id_to_token(token) or ""
-    byte = BYTE_PIECE.fullmatch(piece)
-    if byte:
-        raw = bytes([int(byte.group(1), 16)])
-        return raw.decode("utf-8", errors="replace"), list(raw)
-    text = piece.replace(SPACE, " ")
-    return text, list(text.encode("utf-8"))
+    """A token as OpenAI's logprobs show it: its text and bytes (see Tokenizer.token_bytes)."""
+    raw = tokenizer.token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), list(raw)
 
 
 def chat_logprob(tokenizer: Any, r: GenerationResponse, top: int) -> dict[str, Any]:

@@ -57,14 +57,16 @@ class Tokenizer:
 
     # --- text <-> ids ---------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        """Token ids of `text`. bos=True adds what Hugging Face adds with add_special_tokens=True
-        (BOS in front for Mistral/Mixtral; also EOS at the end if the config asks for it).
-        Added and special tokens written in the text (e.g. "</s>", "<|im_start|>") become their ids."""
+    def encode(self, text: str, add_special_tokens: bool = True, *, bos: bool | None = None) -> list[int]:
+        """Token ids of `text`. add_special_tokens=True adds what Hugging Face adds with the same
+        option: BOS in front for Mistral/Mixtral, and EOS at the end if the tokenizer config asks for
+        it. `bos` is this option's older name, still accepted. Added and special tokens written in
+        the text (e.g. "</s>", "<|im_start|>") become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        special = add_special_tokens if bos is None else bos
         ids = self._backend.encode(text)
-        return [*self._prefix, *ids, *self._suffix] if bos else ids
+        return [*self._prefix, *ids, *self._suffix] if special else ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of token ids; special tokens (BOS, EOS, [INST], ...) are left out when skip_special.
@@ -76,6 +78,20 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(int(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as OpenAI's logprobs show a token: a byte-fallback piece
+        (<0x0A>) is its one byte, SentencePiece's word-boundary mark a space, a special token its
+        text; with a decoder of another family, the token decoded on its own."""
+        table = self._backend.piece_table()
+        i = int(token_id)
+        if table is None:
+            return self._backend.decode([i], False).encode("utf-8")
+        if not 0 <= i < len(table.texts):
+            return b""
+        if table.byte_values[i] >= 0:
+            return bytes([table.byte_values[i]])
+        return (table.texts[i] or "").encode("utf-8")
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -173,7 +189,7 @@ class Tokenizer:
                 **variables,
             )
             # As transformers: the template writes BOS itself, so no special tokens are added here.
-            return self.encode(text, bos=False)
+            return self.encode(text, add_special_tokens=False)
         version = self.chat_template_name if template is None else template
         if self.bos_token_id is None:
             raise ChatTemplateError("the Mistral chat format needs a BOS token, which this tokenizer does not have")

@@ -35,7 +35,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _token_text(value: Any) -> str | None:
+def _token_content(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
@@ -153,13 +153,13 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
     special_tokens = {}
     for name in NAMED_TOKENS:
-        value = _token_text(config[name]) if name in config else _token_text(special_map.get(name))
+        value = _token_content(config[name]) if name in config else _token_content(special_map.get(name))
         if value is not None:
             special_tokens[name] = value
     special_names = set(special_tokens.values())
     for entry in config.get("additional_special_tokens") or special_map.get("additional_special_tokens") or []:
-        if _token_text(entry) is not None:
-            special_names.add(_token_text(entry))
+        if _token_content(entry) is not None:
+            special_names.add(_token_content(entry))
     added = _added_tokens(model_dir, tokenizer_json, config, special_names)
 
     if sp_path is not None:

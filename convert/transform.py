@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_mixtral.config import config_path
 from mlx_mixtral.convert.quant import QuantPlan
 from mlx_mixtral.convert.source import Source
-from mlx_mixtral.errors import ConvertError, LoadError
+from mlx_mixtral.errors import ConvertError, LoadError, WeightsError
 from mlx_mixtral.loader import quantize_like_checkpoint
 from mlx_mixtral.model import Mixtral, sanitize
 from mlx_mixtral.weights import tensor_mismatch
@@ -69,7 +69,7 @@ def make_context(source: Source, plan: QuantPlan | None, dtype: mx.Dtype | None,
 def _sanitize(tensors: dict[str, mx.array], source: Source) -> dict[str, mx.array]:
     try:
         return sanitize(tensors, source.args)
-    except ValueError as e:
+    except WeightsError as e:
         raise ConvertError(f"{source.path}: {e}") from None
 
 

@@ -12,14 +12,10 @@ P = T*K (token, slot) pairs.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
 import mlx.core as mx
-
-from mlx_mixtral.experts import KERNELS_ENV
 
 SIMD_WIDTH = 32  # lanes per simdgroup on Apple GPUs
 SIMDGROUPS = 2  # simdgroups per threadgroup
@@ -224,22 +220,3 @@ def fused_switch_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_pro
     h = launch_gate_up(flat_x, flat_ids, parts["gate"], parts["up"], geometry)  # (P, F)
     y = launch_down(h, flat_ids, weights.reshape(-1), parts["down"], geometry)  # (T, D)
     return y.reshape(x.shape)  # (B, L, D)
-
-
-def builtin_ops():
-    """Within this block SwitchGLU takes the built-in gathered ops, also on a Mac (for A/B runs)."""
-    return kernels_setting(False)
-
-
-@contextmanager
-def kernels_setting(on: bool):
-    """Within this block SwitchGLU takes the fused kernels where it can (on) or never (off)."""
-    saved = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[KERNELS_ENV]
-        else:
-            os.environ[KERNELS_ENV] = saved

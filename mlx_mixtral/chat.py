@@ -24,7 +24,9 @@ from typing import Any
 from mlx_mixtral.cache import Cache, load_prompt_cache, save_prompt_cache
 from mlx_mixtral.errors import CacheFileError
 from mlx_mixtral.generate import GenerationResponse, stream_generate
+from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS, fit_to_context
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 SESSION_FORMAT = "mlx-mixtral-chat/1"
 
@@ -72,8 +74,8 @@ class ChatSession:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: LanguageModel,
+        tokenizer: Tokenizer,
         *,
         system: str | None = None,
         max_kv_size: int | None = None,
@@ -165,7 +167,7 @@ class ChatSession:
         save_prompt_cache(path, self.cache, meta)
 
     @classmethod
-    def load(cls, path: str | Path, model: Any, tokenizer: Any, **kwargs: Any) -> ChatSession:
+    def load(cls, path: str | Path, model: LanguageModel, tokenizer: Tokenizer, **kwargs: Any) -> ChatSession:
         """A session saved by `save`, continuing exactly where it stopped, on the same model."""
         cache, meta = load_prompt_cache(path)
         if meta.get("format") != SESSION_FORMAT:

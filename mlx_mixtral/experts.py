@@ -12,13 +12,20 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_mixtral.errors import OptionError
+
 # Sorting (token, slot) pairs by expert makes each expert's rows contiguous so the gathered
 # matmul streams every expert's weights once; it pays off once there are many pairs (prefill).
 SORT_MIN_PAIRS = 64
 
-# Decode-sized batches go through the fused Metal kernels (metal/) when they are available.
+# Decode-sized batches go through the fused Metal kernels (metal/) when the model chose them.
 FUSED_MAX_PAIRS = 16
+# Which expert kernels a model uses, decided once (load(kernels=...), --kernels, or this variable):
+# "fused" the Metal kernels of metal/, "builtin" MLX's gathered ops, "auto" the fused ones where
+# there is a Metal GPU. "1"/"0" are accepted as "auto"/"builtin".
 KERNELS_ENV = "MLX_MIXTRAL_KERNELS"
+KERNEL_CHOICES = ("auto", "fused", "builtin")
+_ENV_SPELLINGS = {"": "auto", "1": "auto", "on": "auto", "0": "builtin", "off": "builtin"}
 
 
 def route(router_logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -107,9 +114,17 @@ class QuantizedSwitchLinear(nn.Module):
         )
 
 
-def fused_kernels_enabled() -> bool:
-    """Fused Metal kernels run only on a Metal device and can be switched off for A/B runs."""
-    return os.environ.get(KERNELS_ENV, "1") != "0" and mx.default_device() == mx.gpu and mx.metal.is_available()
+def kernel_choice(choice: str | None = None) -> str:
+    """A kernel choice checked, with None meaning the environment's (else "auto")."""
+    if choice is None:
+        raw = os.environ.get(KERNELS_ENV, "").strip().lower()
+        choice = _ENV_SPELLINGS.get(raw, raw)
+        where = f"{KERNELS_ENV}={raw!r}"
+    else:
+        where = f"kernels={choice!r}"
+    if choice not in KERNEL_CHOICES:
+        raise OptionError(f"{where}: expected one of {', '.join(KERNEL_CHOICES)}", option="kernels")
+    return choice
 
 
 class SwitchGLU(nn.Module):
@@ -117,13 +132,14 @@ class SwitchGLU(nn.Module):
 
     def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
+        self.use_fused = False  # decode through metal/'s fused kernels; set by Mixtral.set_kernels
         self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
         self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
         self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x (B, L, D), indices (B, L, K) uint32, weights (B, L, K) float32 -> (B, L, D)."""
-        if indices.size <= FUSED_MAX_PAIRS and fused_kernels_enabled():
+        if self.use_fused and indices.size <= FUSED_MAX_PAIRS and mx.default_device() == mx.gpu:
             from mlx_mixtral.metal import fused_switch_glu
 
             out = fused_switch_glu(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj)

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from mlx_mixtral.cache import Cache
 from mlx_mixtral.errors import OptionError
+from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS
 from mlx_mixtral.sampling import (
     LogitsProcessor,
@@ -30,13 +31,14 @@ from mlx_mixtral.sampling import (
     top_logprobs,
     validate_token_ids,
 )
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
 
 
 def generate_step(
     prompt_ids: Sequence[int] | mx.array,
-    model: Any,
+    model: LanguageModel,
     *,
     cache: list[Cache] | None = None,
     sampler: Sampler | None = None,
@@ -159,7 +161,7 @@ class StopMatcher:
         return best
 
 
-def prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | mx.array) -> list[int]:
     """A prompt as token ids: text is encoded with BOS, ids are taken as given."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, add_special_tokens=True)
@@ -169,8 +171,8 @@ def prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[i
 
 
 def stream_generate(
-    model: Any,
-    tokenizer: Any,
+    model: LanguageModel,
+    tokenizer: Tokenizer,
     prompt: str | Sequence[int] | mx.array,
     *,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
@@ -258,6 +260,6 @@ def stream_generate(
             return
 
 
-def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int] | mx.array, **kwargs: Any) -> str:
+def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str | Sequence[int] | mx.array, **kwargs: Any) -> str:
     """The whole completion as one string; keyword options as for `stream_generate`."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_mixtral.config import ModelArgs, config_path, read_config
 from mlx_mixtral.errors import ConfigError, LoadError, WeightsError
+from mlx_mixtral.experts import kernel_choice
 from mlx_mixtral.model import HF_EXPERT_NAMES, Mixtral, sanitize
 from mlx_mixtral.weights import (
     INDEX_NAME,
@@ -36,17 +37,21 @@ def load(
     revision: str | None = None,
     lazy: bool = False,
     memory_check: str = "warn",
+    kernels: str | None = None,
 ):
     """Load a model and its tokenizer from a local directory or a Hugging Face hub id.
 
     `dtype` is the compute dtype of everything not quantized (None: float32 on the CPU backend,
     whose quantized and gathered matmuls are fastest, or only work, in float32; the checkpoint's
-    dtype on a GPU). `memory_check` is "warn", "error" or "off".
+    dtype on a GPU). `memory_check` is "warn", "error" or "off". `kernels` chooses the expert
+    kernels ("auto", "fused", "builtin"; None: $MLX_MIXTRAL_KERNELS, else "auto"), see
+    `Mixtral.set_kernels`; `model.kernels` says what runs.
     """
+    kernels = kernel_choice(kernels)  # a bad value fails before anything is downloaded
     from mlx_mixtral.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(path_or_repo, revision=revision)
-    model = load_model(model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check)
+    model = load_model(model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check, kernels=kernels)
     return model, load_tokenizer(model_dir)
 
 
@@ -101,7 +106,12 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
 
 
 def load_model(
-    model_dir: str | Path, *, dtype: mx.Dtype | None = None, lazy: bool = False, memory_check: str = "warn"
+    model_dir: str | Path,
+    *,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    memory_check: str = "warn",
+    kernels: str | None = None,
 ) -> Mixtral:
     """Build the model a directory describes and load its checked weights into it."""
     model_dir = Path(model_dir)
@@ -111,11 +121,11 @@ def load_model(
         weights.update(mx.load(str(f)))  # lazy: data is read when evaluated
     try:
         weights = sanitize(weights, args)
-    except ValueError as e:
+    except WeightsError as e:
         raise LoadError(f"{model_dir}: {e}") from None
 
     model = Mixtral(args)
-    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check)
+    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check, kernels=kernels)
     return model
 
 
@@ -138,6 +148,7 @@ def fill_model(
     dtype: mx.Dtype | None,
     lazy: bool,
     memory_check: str,
+    kernels: str | None = None,
 ) -> None:
     """Quantize `model` like the checkpoint, check the (sanitized) weights against it, cast them
     to the compute dtype and load them. Each tensor is evaluated on its own and replaced in
@@ -154,6 +165,7 @@ def fill_model(
             mx.eval(value)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
+    model.set_kernels(kernels)
     wire_model_memory(model)
 
 

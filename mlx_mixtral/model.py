@@ -15,8 +15,8 @@ import mlx.nn as nn
 
 from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache
 from mlx_mixtral.config import ModelArgs
-from mlx_mixtral.errors import WeightsError
-from mlx_mixtral.experts import SwitchGLU, route
+from mlx_mixtral.errors import OptionError, WeightsError
+from mlx_mixtral.experts import SwitchGLU, kernel_choice, route
 
 
 def attention_mask(offset: int, length: int, keys: int, window: int | None) -> mx.array | str | None:
@@ -140,6 +140,7 @@ class Mixtral(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.kernels = "builtin"  # what the experts run on; see set_kernels
         self.model = MixtralModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -153,6 +154,20 @@ class Mixtral(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)  # (B, L, V)
         return self.lm_head(h)  # (B, L, V)
+
+    def set_kernels(self, choice: str | None = None) -> str:
+        """Choose the expert kernels once for every MoE layer ("auto", "fused", "builtin"; None: the
+        environment's default) and return what runs: "fused" or "builtin". The fused kernels need a
+        Metal GPU; "auto" takes them where there is one."""
+        choice = kernel_choice(choice)
+        if choice == "fused" and not mx.metal.is_available():
+            raise OptionError("kernels='fused' needs a Metal GPU (Apple silicon); use 'auto' or 'builtin'")
+        use = choice != "builtin" and mx.metal.is_available()
+        for layer in self.layers:
+            if "block_sparse_moe" in layer:
+                layer.block_sparse_moe.switch_mlp.use_fused = use
+        self.kernels = "fused" if use else "builtin"
+        return self.kernels
 
     def make_cache(self, max_kv_size: int | None = None) -> list[Cache]:
         """One cache per layer; bounded by the model's sliding window and/or `max_kv_size`."""

@@ -20,6 +20,8 @@ from mlx_mixtral.cache import Cache, KVCache
 from mlx_mixtral.chat import common_prefix_length, held_ids, reuse_cache
 from mlx_mixtral.errors import OptionError
 from mlx_mixtral.generate import GenerationResponse, stream_generate
+from mlx_mixtral.language_model import LanguageModel
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 
 class PrefixCache:
@@ -57,7 +59,9 @@ class PrefixCache:
             return self.make_cache(), 0
         return cache, kept
 
-    def stream(self, model: Any, tokenizer: Any, ids: list[int], **options: Any) -> Iterator[GenerationResponse]:
+    def stream(
+        self, model: LanguageModel, tokenizer: Tokenizer, ids: list[int], **options: Any
+    ) -> Iterator[GenerationResponse]:
         """`stream_generate` for the prompt `ids` through this cache: take the best cached prefix,
         generate the rest, put the cache back, also when the consumer stops early (what went
         through the cache is still valid) but not after a failure. `cached_tokens` is set before

@@ -20,6 +20,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_mixtral.language_model import LanguageModel
+
 # Unified-memory bandwidth in GB/s from Apple's specifications. Where a chip comes in two
 # GPU bins with different memory systems (M3 Max, M4 Max), the larger bin's figure is listed:
 # pass --bandwidth for the smaller one (M3 Max 30-core: 300, M4 Max 32-core: 410).
@@ -112,7 +114,7 @@ def kv_bytes_per_token(args: Any, context: int, itemsize: int) -> int:
     return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * seen * itemsize
 
 
-def measure_ours(model: Any, prompt_len: int, decode_tokens: int, reps: int, seed: int = 0) -> dict:
+def measure_ours(model: LanguageModel, prompt_len: int, decode_tokens: int, reps: int, seed: int = 0) -> dict:
     """Median prefill and decode tok/s of this package's generate_step, and the peak memory."""
     from mlx_mixtral.generate import generate_step
 

@@ -20,7 +20,6 @@ import mlx.core as mx
 from mlx_mixtral.bench import accounting
 from mlx_mixtral.bench.timing import chip_bandwidth, device_name, fused_vs_builtin, measure_ours, plot, roofline
 from mlx_mixtral.loader import load_model, resolve_model_dir
-from mlx_mixtral.metal.kernels import kernels_setting
 
 
 def _parse_lengths(text: str) -> list[int]:
@@ -89,21 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         settings = ["off"]
     rows = []
     for setting in settings:
-        with kernels_setting(setting == "on"):
-            measure_ours(model, 16, 2, 1)  # warm-up: first-call allocations and kernel builds
-            for length in args.prompt_lengths:
-                print(
-                    f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens x {args.reps}",
-                    file=sys.stderr,
-                )
-                r = measure_ours(model, length, args.decode_tokens, args.reps)
-                roof = roofline(bandwidth, account.weights.minimum, model.args, length, itemsize)
-                r.update(
-                    kernels=setting,
-                    roofline_tps=roof,
-                    roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof,
-                )
-                rows.append(r)
+        model.set_kernels("fused" if setting == "on" else "builtin")
+        measure_ours(model, 16, 2, 1)  # warm-up: first-call allocations and kernel builds
+        for length in args.prompt_lengths:
+            print(
+                f"kernels {setting}: {length}-token prompt + {args.decode_tokens} decode tokens x {args.reps}",
+                file=sys.stderr,
+            )
+            r = measure_ours(model, length, args.decode_tokens, args.reps)
+            roof = roofline(bandwidth, account.weights.minimum, model.args, length, itemsize)
+            r.update(
+                kernels=setting,
+                roofline_tps=roof,
+                roofline_pct=None if roof is None else 100 * r["decode_tps"] / roof,
+            )
+            rows.append(r)
 
     kernel_layer = None
     if metal and args.kernels == "both":

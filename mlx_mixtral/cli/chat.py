@@ -18,6 +18,8 @@ from typing import Any
 from mlx_mixtral.chat import ChatSession
 from mlx_mixtral.cli.options import add_sampling_args, format_stats, load_for_cli, one_line, options_from_args
 from mlx_mixtral.errors import DistributedError, MixtralError, OptionError
+from mlx_mixtral.language_model import LanguageModel
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 HELP = """commands:
   /reset         forget the conversation
@@ -87,7 +89,9 @@ class PromptInterrupts:
 
 
 class Repl:
-    def __init__(self, args: argparse.Namespace, model: Any, tokenizer: Any, dm: Any, options: dict[str, Any]):
+    def __init__(
+        self, args: argparse.Namespace, model: LanguageModel, tokenizer: Tokenizer, dm: Any, options: dict[str, Any]
+    ):
         self.args, self.model, self.tokenizer, self.dm = args, model, tokenizer, dm
         session_args = dict(system=args.system, max_kv_size=args.max_kv_size, chat_template=args.chat_template)
         if dm is not None:

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from mlx_mixtral.errors import MixtralError, OptionError
+from mlx_mixtral.experts import KERNEL_CHOICES, KERNELS_ENV
 from mlx_mixtral.loader import load
 from mlx_mixtral.options import generation_options
 
@@ -42,6 +43,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
         action="store_true",
         help="shard the model over the processes of `mlx.launch`; rank 0 talks, the others follow",
     )
+    add_kernels_arg(p)
+
+
+def add_kernels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default=None,
+        help=f"expert kernels: fused Metal kernels, MLX's built-in ops, or auto (fused on a Metal GPU); "
+        f"default: ${KERNELS_ENV}, else auto",
+    )
 
 
 # stream_generate keyword -> the flag that sets it
@@ -73,9 +85,9 @@ def load_for_cli(args: argparse.Namespace):
     if args.distributed:
         from mlx_mixtral.distributed.model import DistributedModel
 
-        dm = DistributedModel.start(args.model)
+        dm = DistributedModel.start(args.model, kernels=args.kernels)
         return dm.model, dm.tokenizer, dm
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, kernels=args.kernels)
     return model, tokenizer, None
 
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import uvicorn
 
-from mlx_mixtral.cli.options import one_line, report
+from mlx_mixtral.cli.options import add_kernels_arg, one_line, report
+from mlx_mixtral.distributed.model import DistributedModel
 from mlx_mixtral.errors import ChatTemplateError, MixtralError
+from mlx_mixtral.loader import load
 from mlx_mixtral.server.app import LOOPBACK_HOSTS, Settings, create_app
-from mlx_mixtral.server.worker import DistributedEngine, Engine, LocalEngine, Worker
+from mlx_mixtral.server.worker import DistributedEngine, Engine, Follower, LocalEngine, Worker
 
 PROG = "mlx-mixtral serve"
 API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
@@ -82,6 +84,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="shard the model over the processes of `mlx.launch`; rank 0 serves, the others follow",
     )
+    add_kernels_arg(p)
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
@@ -112,19 +115,14 @@ def _listen(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-def _load_engine(args: argparse.Namespace) -> Callable[[], Engine]:
-    def load_engine() -> Engine:
+def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
+    def load_engine() -> Engine | Follower:
         if args.distributed:
-            from mlx_mixtral.distributed.model import DistributedModel
-
-            return DistributedEngine(
-                DistributedModel.start(args.model),
-                max_kv_size=args.max_kv_size,
-                prompt_cache_size=args.prompt_cache_size,
-            )
-        from mlx_mixtral.loader import load
-
-        model, tokenizer = load(args.model)
+            dm = DistributedModel.start(args.model, kernels=args.kernels)
+            if not dm.is_leader:
+                return Follower(dm.follow)
+            return DistributedEngine(dm, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
+        model, tokenizer = load(args.model, kernels=args.kernels)
         return LocalEngine(model, tokenizer, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
 
     return load_engine

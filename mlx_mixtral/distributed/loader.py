@@ -89,7 +89,7 @@ def source_tensors(headers: dict[str, TensorInfo], args: ModelArgs, model_dir: P
     marks = {n: mx.array(i) for i, n in enumerate(names)}
     try:
         mapped = sanitize(marks, args)
-    except ValueError as e:
+    except WeightsError as e:
         raise LoadError(f"{model_dir}: {e}") from None
     return {
         final: [names[i] for i in np.array(mark).reshape(-1).tolist()] if mark.ndim else [names[mark.item()]]
@@ -98,7 +98,12 @@ def source_tensors(headers: dict[str, TensorInfo], args: ModelArgs, model_dir: P
 
 
 def load_sharded(
-    model_dir: str | Path, group: mx.distributed.Group, *, dtype: mx.Dtype | None = None, memory_check: str = "warn"
+    model_dir: str | Path,
+    group: mx.distributed.Group,
+    *,
+    dtype: mx.Dtype | None = None,
+    memory_check: str = "warn",
+    kernels: str | None = None,
 ) -> Mixtral:
     """This rank's part of the model in `model_dir` (see sharding.py for the split), with the same
     checks and dtype rules as `load_model`. The plan is at `model.shard_plan`."""
@@ -122,6 +127,6 @@ def load_sharded(
 
     model = Mixtral(args)
     shard_modules(model, plan, rank, group)
-    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=False, memory_check=memory_check)
+    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=False, memory_check=memory_check, kernels=kernels)
     model.shard_plan = plan
     return model

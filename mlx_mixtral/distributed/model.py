@@ -29,9 +29,12 @@ from mlx_mixtral.distributed.group import barrier, check_same_model, follow, ini
 from mlx_mixtral.distributed.loader import load_sharded
 from mlx_mixtral.distributed.sharding import shard_summary
 from mlx_mixtral.errors import CacheFileError, OptionError
+from mlx_mixtral.experts import kernel_choice
 from mlx_mixtral.generate import GenerationResponse, prompt_ids, stream_generate
+from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.loader import resolve_model_dir
 from mlx_mixtral.prefix_cache import PrefixCache
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 # Options that are Python objects (or live state) and cannot travel to the other ranks.
 _LOCAL_ONLY = ("sampler", "logits_processors", "cache")
@@ -65,7 +68,7 @@ def _decode_options(options: dict[str, Any]) -> dict[str, Any]:
 class DistributedModel:
     """One rank: its shard of the model, the tokenizer, and the requests every rank runs alike."""
 
-    def __init__(self, group: mx.distributed.Group, model: Any, tokenizer: Any, model_dir: Path):
+    def __init__(self, group: mx.distributed.Group, model: LanguageModel, tokenizer: Tokenizer, model_dir: Path):
         self.group, self.model, self.tokenizer, self.model_dir = group, model, tokenizer, model_dir
         self.rank = group.rank()
         self._sessions: dict[int, ChatSession] = {}
@@ -81,14 +84,16 @@ class DistributedModel:
         }
 
     @classmethod
-    def start(cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> DistributedModel:
+    def start(
+        cls, path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, kernels: str | None = None
+    ) -> DistributedModel:
         """Join the group, check every rank has the same model, load this rank's part of it."""
         from mlx_mixtral.tokenizer import load_tokenizer
 
         group = init_group()
         model_dir = resolve_model_dir(path_or_repo)
         check_same_model(group, model_dir)
-        model = load_sharded(model_dir, group, dtype=dtype)
+        model = load_sharded(model_dir, group, dtype=dtype, kernels=kernel_choice(kernels))
         tokenizer = load_tokenizer(model_dir)
         # Ranks load at their own disks' speed; requests (which have time limits) start after the slowest.
         barrier(group, "waiting for every rank to load its part")

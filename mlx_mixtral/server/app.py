@@ -49,6 +49,7 @@ from mlx_mixtral.server.schema import (
     ModelList,
 )
 from mlx_mixtral.server.worker import Finished, Job, ShuttingDown, Worker
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 log = logging.getLogger("mlx_mixtral.server")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -389,7 +390,7 @@ def _event_schema(chunk: str) -> dict[str, Any]:
     return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
 
 
-def _completion_prompt(tokenizer: Any, prompt: Any, vocab_size: int) -> list[int]:
+def _completion_prompt(tokenizer: Tokenizer, prompt: Any, vocab_size: int) -> list[int]:
     """Token ids of a completions prompt: text (encoded with BOS) or ids; a list holds one prompt."""
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:

@@ -19,6 +19,7 @@ from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.options import fit_to_context, generation_options
 from mlx_mixtral.server.schema import MAX_STOP, _Sampling
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 
 class APIError(Exception):
@@ -103,13 +104,13 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
     return out
 
 
-def token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
     """A token as OpenAI's logprobs show it: its text and bytes (see Tokenizer.token_bytes)."""
     raw = tokenizer.token_bytes(token)
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
-def chat_logprob(tokenizer: Any, r: GenerationResponse, top: int) -> dict[str, Any]:
+def chat_logprob(tokenizer: Tokenizer, r: GenerationResponse, top: int) -> dict[str, Any]:
     text, raw = token_text(tokenizer, r.token)
     alternatives = []
     for token, logprob in (r.top_logprobs or [])[:top]:
@@ -138,7 +139,7 @@ class _Answer:
 
     id_prefix = object_name = chunk_name = ""  # set by each endpoint's subclass
 
-    def __init__(self, model: str, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+    def __init__(self, model: str, tokenizer: Tokenizer, prompt_tokens: int, top_logprobs: int | None):
         self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
         self.top = top_logprobs  # None: no logprobs asked for
         self.id = self.id_prefix + uuid.uuid4().hex
@@ -179,7 +180,7 @@ class _Answer:
 class ChatAnswer(_Answer):
     id_prefix, object_name, chunk_name = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+    def __init__(self, model: str, tokenizer: Tokenizer, prompt_tokens: int, top_logprobs: int | None):
         super().__init__(model, tokenizer, prompt_tokens, top_logprobs)
         self.logprobs: list[dict[str, Any]] = []
 
@@ -226,7 +227,7 @@ class CompletionAnswer(_Answer):
 
     id_prefix, object_name, chunk_name = "cmpl-", "text_completion", "text_completion"
 
-    def __init__(self, model: str, tokenizer: Any, prompt_tokens: int, top_logprobs: int | None):
+    def __init__(self, model: str, tokenizer: Tokenizer, prompt_tokens: int, top_logprobs: int | None):
         super().__init__(model, tokenizer, prompt_tokens, top_logprobs)
         self.offset = 0  # characters of text before the next token (counted only with logprobs)
         self.logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -18,8 +18,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mlx_mixtral.distributed.model import DistributedModel
+from mlx_mixtral.errors import DistributedError
 from mlx_mixtral.generate import GenerationResponse
+from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.prefix_cache import PrefixCache
+from mlx_mixtral.tokenizer.core import Tokenizer
 
 log = logging.getLogger("mlx_mixtral.server")
 
@@ -58,9 +62,8 @@ class Job:
 class Engine(Protocol):
     """What the worker drives: the model (for its `args`), its tokenizer, and generation."""
 
-    model: Any
-    tokenizer: Any
-    is_leader: bool  # False on the follower ranks of a distributed group: they only `follow`
+    model: LanguageModel
+    tokenizer: Tokenizer
 
     @property
     def cached_tokens(self) -> int:
@@ -70,8 +73,6 @@ class Engine(Protocol):
     def stream(self, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]: ...
 
     def cache_entries(self) -> int | None: ...
-
-    def follow(self) -> int: ...
 
     def fatal(self, error: BaseException) -> bool:
         """Whether a generation error leaves the engine unusable (a distributed group that broke)."""
@@ -83,9 +84,9 @@ class Engine(Protocol):
 class LocalEngine:
     """One process: `stream_generate` through a `PrefixCache`."""
 
-    is_leader = True
-
-    def __init__(self, model: Any, tokenizer: Any, *, max_kv_size: int | None = None, prompt_cache_size: int = 4):
+    def __init__(
+        self, model: LanguageModel, tokenizer: Tokenizer, *, max_kv_size: int | None = None, prompt_cache_size: int = 4
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = PrefixCache(lambda: model.make_cache(max_kv_size), prompt_cache_size)
 
@@ -99,9 +100,6 @@ class LocalEngine:
     def cache_entries(self) -> int | None:
         return len(self.prompt_cache)
 
-    def follow(self) -> int:
-        raise RuntimeError("a single-process engine has no leader to follow")
-
     def fatal(self, error: BaseException) -> bool:
         return False
 
@@ -110,13 +108,13 @@ class LocalEngine:
 
 
 class DistributedEngine:
-    """A model sharded over an `mlx.launch` group (`DistributedModel`): rank 0's worker drives the
-    same prefix cache and generation on every rank; the other ranks follow and serve no HTTP."""
+    """Rank 0 of a model sharded over an `mlx.launch` group (`DistributedModel`): its worker drives
+    the same prefix cache and generation on every rank (the others run as a `Follower`)."""
 
-    def __init__(self, dm: Any, *, max_kv_size: int | None = None, prompt_cache_size: int = 4):
-        self.dm, self.model, self.tokenizer, self.is_leader = dm, dm.model, dm.tokenizer, dm.is_leader
+    def __init__(self, dm: DistributedModel, *, max_kv_size: int | None = None, prompt_cache_size: int = 4):
+        self.dm, self.model, self.tokenizer = dm, dm.model, dm.tokenizer
         self.broken = False
-        self._cache = dm.prefix_cache(prompt_cache_size, max_kv_size) if dm.is_leader else None
+        self._cache = dm.prefix_cache(prompt_cache_size, max_kv_size)
 
     @property
     def cached_tokens(self) -> int:
@@ -128,12 +126,7 @@ class DistributedEngine:
     def cache_entries(self) -> int | None:
         return None  # each rank holds its own part; rank 0 does not count them
 
-    def follow(self) -> int:
-        return self.dm.follow()
-
     def fatal(self, error: BaseException) -> bool:
-        from mlx_mixtral.errors import DistributedError
-
         self.broken = self.broken or isinstance(error, DistributedError)
         return self.broken
 
@@ -142,17 +135,26 @@ class DistributedEngine:
             self.dm.close()
 
 
+@dataclass
+class Follower:
+    """A rank other than 0 of a distributed group: it serves no requests, it mirrors rank 0's
+    generations until rank 0 releases it (`follow` returns the exit status)."""
+
+    follow: Callable[[], int]
+
+
 class Worker:
     """Loads the model on its own thread, then serves jobs there. MLX streams belong to the thread
     that made them (since mlx 0.31.2), so the weights, caches and every graph of the model are made
     and evaluated on this one thread; only plain Python values cross to the event loop. On a
     follower rank the thread follows rank 0 instead (see `wait`)."""
 
-    def __init__(self, load: Callable[[], Engine]):
+    def __init__(self, load: Callable[[], Engine | Follower]):
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self.exit_status = 0
+        self.is_leader = True  # False on a follower rank, which serves nothing
         self.fatal_error: BaseException | None = None  # what made the engine unusable, if anything
         self.on_fatal: Callable[[], None] = lambda: None  # the server sets this to stop itself
         self._stopping = False
@@ -164,7 +166,8 @@ class Worker:
         self._loaded.wait()
         if self._load_error is not None:
             raise self._load_error
-        self.model, self.tokenizer, self.is_leader = self.engine.model, self.engine.tokenizer, self.engine.is_leader
+        if self.is_leader:
+            self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
 
     @property
     def queued(self) -> int:
@@ -194,16 +197,20 @@ class Worker:
         self._thread.join()
         return self.exit_status
 
-    def _run(self, load: Callable[[], Engine]) -> None:
+    def _run(self, load: Callable[[], Engine | Follower]) -> None:
         try:
-            self.engine = load()
+            loaded = load()
+            if isinstance(loaded, Follower):
+                self.is_leader = False
+            else:
+                self.engine = loaded
         except BaseException as e:  # raised again by __init__ on the caller's thread
             self._load_error = e
             return
         finally:
             self._loaded.set()
-        if not self.engine.is_leader:
-            self.exit_status = self.engine.follow()
+        if isinstance(loaded, Follower):
+            self.exit_status = loaded.follow()
             return
         try:
             while (job := self._jobs.get()) is not None or not self._jobs.empty():

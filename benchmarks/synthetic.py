@@ -129,7 +129,7 @@ def write_checkpoint(path: str | Path, shape: Shape = Shape(), *, seed: int = 0,
     (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import mistral_tokenizer_path
+    from helpers.tiny_models import mistral_tokenizer_path
 
     shutil.copy(mistral_tokenizer_path("v1"), tmp / "tokenizer.model")
     shutil.rmtree(path, ignore_errors=True)  # a partial dir from an interrupted older run

@@ -56,7 +56,7 @@ class SwitchLinear(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         weight = self.weight
         if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
-            # The CPU backend's gather_mm only takes float32 (FACTS.md); the loader stores
+            # The CPU backend's gather_mm only takes float32 (bfloat16 and float16 raise); the loader stores
             # unquantized experts in float32 on the CPU, so this upcast is only a fallback
             # for models built by hand in half precision.
             out = mx.gather_mm(

@@ -170,7 +170,7 @@ def fill_model(
 
 
 def default_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
-    """float32 on the CPU backend (FACTS.md: its quantized matmul is ~8x faster with float32
+    """float32 on the CPU backend (measured with mlx 0.32: its quantized matmul is ~8x faster with float32
     scales than bfloat16, and gather_mm accepts only float32); the checkpoint's float dtype
     (usually bfloat16 or float16, the fast types on Apple GPUs) elsewhere."""
     if mx.default_device() == mx.cpu:

@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from tiny_models import make_hf_checkpoint  # noqa: E402
+from helpers.tiny_models import make_hf_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

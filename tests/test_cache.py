@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import make_hf_checkpoint
+from helpers.tiny_models import make_hf_checkpoint
 
 from mlx_mixtral import KVCache, RotatingKVCache, load_model, load_prompt_cache, save_prompt_cache
 from mlx_mixtral.cache import Cache

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from memorized import TRANSCRIPT, memorized_4bit
-from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
+from helpers.memorized import TRANSCRIPT, memorized_4bit
+from helpers.tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 from mlx_mixtral import load
 from mlx_mixtral.chat import ChatSession, common_prefix_length

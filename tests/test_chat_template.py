@@ -4,11 +4,11 @@ import json
 from functools import cache
 
 import pytest
+from helpers.tiny_models import mistral_tokenizer_path
+from helpers.tokenizer_fixtures import hf_tokenizer, loaded_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from tiny_models import mistral_tokenizer_path
-from tokenizer_fixtures import hf_tokenizer, loaded_tokenizer, tokenizer_config, tokenizer_dir, write_sp_dir
 
 from mlx_mixtral.tokenizer import load_tokenizer
 

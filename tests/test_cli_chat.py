@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
-from tiny_models import add_tokenizer, make_hf_checkpoint
+from helpers.memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
+from helpers.tiny_models import add_tokenizer, make_hf_checkpoint
 
 from mlx_mixtral.tokenizer import load_tokenizer
 

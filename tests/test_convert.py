@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
+from helpers.tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 from mlx_mixtral import load_model
 from mlx_mixtral.convert import convert

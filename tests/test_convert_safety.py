@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from tiny_models import add_tokenizer, make_hf_checkpoint
+from helpers.tiny_models import add_tokenizer, make_hf_checkpoint
 
 from mlx_mixtral.convert import convert, parse_size
 from mlx_mixtral.errors import ConvertError

@@ -4,9 +4,9 @@ import json
 import shutil
 
 import pytest
+from helpers.tokenizer_fixtures import BASE_VOCAB, BYTE0, hf_tokenizer, loaded_tokenizer, tokenizer_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import BASE_VOCAB, BYTE0, hf_tokenizer, loaded_tokenizer, tokenizer_dir
 
 from mlx_mixtral.tokenizer import load_tokenizer
 from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, WindowDetokenizer

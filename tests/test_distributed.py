@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +14,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from distributed_worker import PROMPT, greedy
+from helpers.distributed_worker import PROMPT, greedy
+from helpers.launch import ring_ports, run_launched
+from helpers.tiny_models import make_hf_checkpoint
 from mlx.utils import tree_flatten
-from tiny_models import make_hf_checkpoint
 
 from mlx_mixtral import load_model
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
-LAUNCHER = Path(sys.executable).with_name("mlx.launch")
+WORKER = Path(__file__).parent / "helpers" / "distributed_worker.py"
 LAUNCH_TIMEOUT = 120
 # Float32 sums split over ranks differ from one process's by rounding only (~1e-7 relative); a
 # wrong head, group or expert slice changes logits by 1e-1 or more.
@@ -34,50 +32,8 @@ REL_TOL = 1e-5
 SPLITTABLE = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, head_dim=16, intermediate_size=96)
 
 
-def _free_ports(n: int) -> int:
-    """A base port with n free ports after it (the ring backend listens on base + rank)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def launch_cmd(n: int, *argv: str) -> list[str]:
-    """`mlx.launch` running `argv` (a script and its arguments, or `--`, `-m`, a module, ...) as n
-    ranks of the ring backend over 127.0.0.1."""
-    return [
-        str(LAUNCHER),
-        "-n",
-        str(n),
-        "--backend",
-        "ring",
-        "-p",
-        str(_free_ports(n)),
-        "--python",
-        sys.executable,
-        *argv,
-    ]
-
-
 def _launch(n: int, out: Path, models: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        launch_cmd(n, str(WORKER), str(out), models, *extra),
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
-        cwd=WORKER.parent,
-    )
+    return run_launched(n, str(WORKER), str(out), models, *extra, timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
 
 
 def _rel_err(out, ref) -> float:
@@ -145,7 +101,7 @@ def _start_by_hand(
 ) -> list[subprocess.Popen]:
     """Start ranks the way mlx.launch does (MLX_HOSTFILE + MLX_RANK) but without its supervision,
     so only our own failure handling can end them."""
-    base = _free_ports(n)
+    base = ring_ports(n)
     hostfile = out / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
     return [
@@ -236,16 +192,16 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
     """The library behind `--distributed`: sampled generation (seeded, and seeded by rank 0), a chat
     whose second turn is cut short, and server requests through a prefix cache give what one
     process gives."""
-    from distributed_api_worker import SEEDED_CHAT, run_chat
-    from tiny_models import add_tokenizer
+    from helpers.distributed_api_worker import SEEDED_CHAT, run_chat
+    from helpers.tiny_models import add_tokenizer
 
     from mlx_mixtral.chat import ChatSession
     from mlx_mixtral.generate import stream_generate
     from mlx_mixtral.tokenizer import load_tokenizer
 
     model_dir = add_tokenizer(make_hf_checkpoint(tmp_path / "m", vocab_size=32000, seed=5))
-    cmd = launch_cmd(2, str(WORKER.with_name("distributed_api_worker.py")), str(tmp_path), str(model_dir))
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
+    worker = WORKER.with_name("distributed_api_worker.py")
+    run = run_launched(2, str(worker), str(tmp_path), str(model_dir), timeout=LAUNCH_TIMEOUT, cwd=WORKER.parent)
     assert (tmp_path / "api.json").is_file(), run.stderr
     got = json.loads((tmp_path / "api.json").read_text())
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
@@ -262,7 +218,7 @@ def test_distributed_model_generate_and_chat_match_one_process(tmp_path):
 
 def _served_by_one_process(model, tokenizer) -> list[dict]:
     """What the server's single-process worker does: take, generate, put back (also when stopped)."""
-    from distributed_api_worker import SERVED
+    from helpers.distributed_api_worker import SERVED
 
     from mlx_mixtral.generate import stream_generate
     from mlx_mixtral.prefix_cache import PrefixCache

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
-from test_distributed import launch_cmd
-from tiny_models import add_tokenizer, make_hf_checkpoint
+from helpers.launch import run_launched
+from helpers.memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
+from helpers.tiny_models import add_tokenizer, make_hf_checkpoint
 
 from mlx_mixtral.tokenizer import load_tokenizer
 
@@ -28,13 +28,7 @@ def _single(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def _launched(n: int, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        launch_cmd(n, "--", "-m", "mlx_mixtral", *args, "--distributed"),
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=TIMEOUT,
-    )
+    return run_launched(n, "--", "-m", "mlx_mixtral", *args, "--distributed", input=stdin, timeout=TIMEOUT)
 
 
 def test_generate_distributed_prints_the_memorized_continuation(memorized):

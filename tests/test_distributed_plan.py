@@ -189,7 +189,7 @@ def test_native_layout_is_refused_clearly(tmp_path):
 
 def test_group_of_one_loads_a_single_expert_hf_checkpoint_like_load_model(tmp_path):
     """Per-expert HF tensors are stacked to (E, out, in) even when E = 1."""
-    from tiny_models import make_hf_checkpoint
+    from helpers.tiny_models import make_hf_checkpoint
 
     from mlx_mixtral import load_model
     from mlx_mixtral.distributed.loader import load_sharded

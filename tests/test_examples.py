@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
+from helpers.memorized import TEXT_CONTINUATION, TEXT_PROMPT, TRANSCRIPT, memorized_4bit
 
 from mlx_mixtral import ChatSession, generate, load
 

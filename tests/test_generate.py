@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from memorized import TEXT_CONTINUATION, TEXT_PROMPT, memorized_4bit
-from tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
+from helpers.memorized import TEXT_CONTINUATION, TEXT_PROMPT, memorized_4bit
+from helpers.tiny_models import add_tokenizer, load_hf_model, make_hf_checkpoint
 
 from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.generate import StopMatcher, generate_step

@@ -8,8 +8,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.tiny_models import add_tokenizer, make_hf_checkpoint
 from mlx.utils import tree_flatten, tree_map
-from tiny_models import add_tokenizer, make_hf_checkpoint
 
 from mlx_mixtral import LoadError, load_model
 from mlx_mixtral import loader as loader_mod

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_harness import EOS, LiveServer, leave_mid_stream, shared, wait_idle
+from helpers.server_harness import EOS, LiveServer, leave_mid_stream, shared, wait_idle
 
 from mlx_mixtral.chat import common_prefix_length
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 import pytest
-from server_harness import shared
+from helpers.server_harness import shared
 
 BROWSER = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium (CI installs it: apt-get install chromium)")

@@ -12,39 +12,34 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import EOS, leave_mid_stream, shared, wait_for_health, wait_idle
-from test_distributed import LAUNCHER, launch_cmd
+from helpers.launch import ATTEMPTS, LAUNCHER, launch_cmd, lost_port
+from helpers.server_harness import EOS, leave_mid_stream, shared, wait_for_health, wait_idle
 
 pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="mlx.launch is not installed")
 
 
-@pytest.fixture(scope="module")
-def launched():
-    cmd = launch_cmd(
-        2,
-        "--",
-        "-m",
-        "mlx_mixtral",
-        "serve",
-        "--distributed",
-        "--model",
-        str(shared("model_dir")),
-        "--port",
-        "0",
-        "--log-level",
-        "warning",
-    )
+def _start_serving() -> tuple[subprocess.Popen, str | None, list[str]]:
+    """Launch `serve --distributed` on two ranks; (process, its URL or None if it did not start, log)."""
+    args = ("--", "-m", "mlx_mixtral", "serve", "--distributed", "--model", str(shared("model_dir")))
+    cmd = launch_cmd(2, *args, "--port", "0", "--log-level", "warning")
     # A session of its own, so the test can Ctrl-C the whole group as a terminal would.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log: list[str] = []
-    url = None
     for line in proc.stdout:
         log.append(line)
         if "serving " in line:
-            url = line.split(" at ", 1)[1].split("/ ", 1)[0]
+            return proc, line.split(" at ", 1)[1].split("/ ", 1)[0], log
+    proc.wait()
+    return proc, None, log
+
+
+@pytest.fixture(scope="module")
+def launched():
+    for _ in range(ATTEMPTS):  # again on other ports when a rank could not bind its own
+        proc, url, log = _start_serving()
+        if url is not None or not lost_port("".join(log)):
             break
     if url is None:
-        proc.wait()
         pytest.fail("serve --distributed did not start:\n" + "".join(log))
     threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
     try:

@@ -7,7 +7,7 @@ import sys
 
 import httpx
 import pytest
-from server_harness import CONTEXT, STRICT_KEY, shared
+from helpers.server_harness import CONTEXT, STRICT_KEY, shared
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]

@@ -5,7 +5,7 @@ may still be refused with a 400, e.g. a conversation the chat format does not al
 the body-size cap, so schemathesis' check that valid data is accepted is left out.)"""
 
 import pytest
-from server_harness import STRICT_KEY, shared
+from helpers.server_harness import STRICT_KEY, shared
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

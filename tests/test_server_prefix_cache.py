@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from tiny_models import load_hf_model
+from helpers.tiny_models import load_hf_model
 
 from mlx_mixtral import load_model
 from mlx_mixtral.cache import KVCache

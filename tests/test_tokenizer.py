@@ -5,10 +5,8 @@ import random
 import shutil
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from tiny_models import mistral_tokenizer_path
-from tokenizer_fixtures import (
+from helpers.tiny_models import mistral_tokenizer_path
+from helpers.tokenizer_fixtures import (
     BASE_VOCAB,
     BYTE0,
     CORPUS,
@@ -18,6 +16,8 @@ from tokenizer_fixtures import (
     tokenizer_dir,
     write_sp_dir,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_mixtral.errors import TokenizerError
 from mlx_mixtral.tokenizer import load_tokenizer

@@ -7,7 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import torch
-from memorized import (
+from helpers.memorized import (
     TEXT_CONTINUATION,
     TEXT_PROMPT,
     TRANSCRIPT,
@@ -16,7 +16,7 @@ from memorized import (
     training_sequences,
     training_steps,
 )
-from tiny_models import load_hf_model
+from helpers.tiny_models import load_hf_model
 
 from mlx_mixtral import generate, load, load_model, stream_generate
 from mlx_mixtral.tokenizer import load_tokenizer

@@ -25,7 +25,8 @@ from mlx_mixtral.cli.options import add_kernels_arg, one_line, report
 from mlx_mixtral.distributed.model import DistributedModel
 from mlx_mixtral.errors import ChatTemplateError, MixtralError
 from mlx_mixtral.loader import load
-from mlx_mixtral.server.app import LOOPBACK_HOSTS, Settings, create_app
+from mlx_mixtral.server.app import Settings, create_app
+from mlx_mixtral.server.guard import LOOPBACK_HOSTS
 from mlx_mixtral.server.worker import DistributedEngine, Engine, Follower, LocalEngine, Worker
 
 PROG = "mlx-mixtral serve"

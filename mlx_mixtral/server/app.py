@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app: routes, request guards and error objects.
+"""The OpenAI-compatible HTTP app: routes and error objects (the guards before routing are in guard.py).
 
     GET  /                      the browser chat page (mlx_mixtral/server/static/)
     GET  /health                liveness and worker statistics
@@ -15,7 +15,6 @@ the filesystem: the model is fixed when the server starts.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -31,11 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_mixtral.generate import GenerationResponse, prompt_ids
 from mlx_mixtral.sampling import validate_token_ids
+from mlx_mixtral.server.guard import LOOPBACK_HOSTS, Guard, error_response
 from mlx_mixtral.server.protocol import APIError, ChatAnswer, CompletionAnswer, Limits, request_options, sse
 from mlx_mixtral.server.schema import (
     ChatCompletion,
@@ -53,7 +52,6 @@ from mlx_mixtral.tokenizer.core import Tokenizer
 
 log = logging.getLogger("mlx_mixtral.server")
 STATIC_DIR = Path(__file__).parent / "static"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # The page loads nothing from elsewhere (it works offline) and talks only to this server.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
@@ -82,74 +80,6 @@ class Settings:
     max_kv_size: int | None = None  # as the worker's caches: a sliding window has no context limit
     chat_template: str | None = None
     allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # None: any Host header
-
-
-def _error(status: int, message: str, **kwargs: Any) -> JSONResponse:
-    return JSONResponse(APIError(status, message, **kwargs).body(), status_code=status)
-
-
-def _host_name(host: str) -> str:
-    if host.startswith("["):  # [::1]:8080
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-class Guard:
-    """ASGI middleware run before routing: Host check (a page on another site cannot reach a
-    loopback server through DNS rebinding), API key, and the body-size cap (the body is read here,
-    at most max_body_bytes of it, and replayed to the app)."""
-
-    def __init__(self, app: Any, settings: Settings):
-        self.app, self.settings = app, settings
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers, s = Headers(scope=scope), self.settings
-        if s.allowed_hosts is not None and _host_name(headers.get("host", "")) not in s.allowed_hosts:
-            return await _error(
-                400, f"Host header {headers.get('host', '')!r} is not one this server answers to", code="invalid_host"
-            )(scope, receive, send)
-        if s.api_key is not None and scope["path"].startswith("/v1/") and not _authorized(headers, s.api_key):
-            response = _error(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return await response(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        too_big = _error(
-            413,
-            f"request body is larger than this server's limit of {s.max_body_bytes} bytes",
-            code="request_too_large",
-        )
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > s.max_body_bytes):
-            return await too_big(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > s.max_body_bytes:
-                return await too_big(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # then the real stream, so a disconnect is still seen
-
-        await self.app(scope, replay, send)
-
-
-def _authorized(headers: Headers, key: str) -> bool:
-    scheme, _, given = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 # pydantic names the member of a union that failed ('str', 'list[int]') in an error's location.
@@ -248,25 +178,27 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         )
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
+    async def apierror_response(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
-            return _error(400, f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
+            return error_response(
+                400, f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+            )
         param = _param(tuple(first.get("loc", ())))
-        return _error(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value")
+        return error_response(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), code=None)
+    async def httperror_response(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), code=None)
 
     @app.exception_handler(Exception)
     async def server_fault(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return _error(500, "internal server error; see the server log", type="server_error")
+        return error_response(500, "internal server error; see the server log", type="server_error")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_id:

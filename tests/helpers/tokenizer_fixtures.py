@@ -15,7 +15,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from tiny_models import mistral_tokenizer_path
+from helpers.tiny_models import mistral_tokenizer_path
 
 CHATML = ("<|im_end|>", "<|im_start|>")
 BASE_VOCAB = {"v1": 32000, "v3": 32768}

@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
-from tiny_models import add_tokenizer
 
+from helpers.tiny_models import add_tokenizer
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.model import Mixtral
 from mlx_mixtral.tokenizer import load_tokenizer

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import httpx
-from tiny_models import add_tokenizer, make_hf_checkpoint, mistral_tokenizer_path
+
+from helpers.tiny_models import add_tokenizer, make_hf_checkpoint, mistral_tokenizer_path
 
 CONTEXT = 2048  # the tiny model's max_position_embeddings: long prompts are cheap to exceed
 EOS = 2
@@ -117,7 +118,8 @@ class Reference:
         import sentencepiece
         import torch
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-        from tiny_models import load_hf_model
+
+        from helpers.tiny_models import load_hf_model
 
         self.torch = torch
         self.hf = load_hf_model(model_dir)

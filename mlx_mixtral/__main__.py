@@ -1,5 +1,5 @@
 import sys
 
-from mlx_mixtral.cli.main import main
+from mlx_mixtral.cli.dispatch import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """Every error meant for the user, in one place.
 
 Each message is one line naming the file, field or value at fault and what was expected. The CLI
-catches `MixtralError` once (cli/main.py) and prints that line; any other exception is a bug and
+catches `MixtralError` once (cli/dispatch.py) and prints that line; any other exception is a bug and
 keeps its traceback. They are `ValueError`s, so callers that only care about bad input can catch
 that.
 """

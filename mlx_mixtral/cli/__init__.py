@@ -1,6 +1,6 @@
-"""`mlx-mixtral <command>`: main.py dispatches, options.py holds what the commands share, and each
+"""`mlx-mixtral <command>`: dispatch.py dispatches, options.py holds what the commands share, and each
 command has its own module."""
 
-from mlx_mixtral.cli.main import main
+from mlx_mixtral.cli.dispatch import main
 
 __all__ = ["main"]

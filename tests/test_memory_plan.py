@@ -129,7 +129,7 @@ def test_a_budget_below_the_non_expert_weights_names_both_sizes(tiny_hf_dir):
         load(tiny_hf_dir, max_memory="100KB")
     message = str(err.value)
     assert "\n" not in message and "does not fit" in message
-    assert "weights without the experts" in message and "exceed the budget of 0.1 MB (--max-memory)" in message
+    assert "weights without the experts" in message and "exceed the budget of 100 KB (--max-memory)" in message
 
 
 @pytest.mark.parametrize("text,expected", [("12GB", 12 * 10**9), ("1.5GiB", 3 * 2**29), ("500 MB", 5 * 10**8),

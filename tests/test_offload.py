@@ -202,3 +202,38 @@ def test_peak_memory_of_an_offloading_process(tmp_path):
     offloaded, resident = grew("25%"), grew("resident")
     assert offloaded <= p.non_expert_bytes + cache + FIXED_RSS_OVERHEAD, (offloaded, p.non_expert_bytes, cache)
     assert resident >= p.non_expert_bytes + p.parts["experts"]  # the measurement sees what is held
+
+
+def test_commands_print_the_plan_and_answer_the_same_when_offloading(tmp_path_factory):
+    """generate with a third of the experts in memory: the plan's line, then the resident answer;
+    the server reports the expert cache in /health."""
+    import subprocess
+    import sys
+
+    import httpx
+    from helpers.memorized import TEXT_CONTINUATION, TEXT_PROMPT, memorized_4bit
+    from helpers.server_harness import LiveServer
+
+    path = memorized_4bit(tmp_path_factory)
+
+    def generate(*extra):
+        return subprocess.run([sys.executable, "-m", "mlx_mixtral", "generate", "--model", str(path), "--prompt",
+                               TEXT_PROMPT, "--max-tokens", "12", *extra], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    offloaded, resident = generate("--expert-cache", "30%"), generate()
+    assert offloaded.returncode == 0, offloaded.stderr
+    assert offloaded.stdout == resident.stdout and TEXT_CONTINUATION.startswith(offloaded.stdout)
+    lines = offloaded.stderr.splitlines()
+    assert lines[0].startswith("plan: offload experts:") and resident.stderr.startswith("plan: all resident:")
+    assert "| experts: hit rate " in lines[-1] and "read per token" in lines[-1]
+
+    server = LiveServer(path, "--expert-cache", "30%")
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": TEXT_PROMPT, "max_tokens": 12,
+                                                               "temperature": 0}, timeout=120)  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == offloaded.stdout
+        health = server.health()["offload"]
+        assert health["tokens"] > 0 and 0 < health["hit_rate"] < 1 and health["bytes_read_per_token"] > 0
+    finally:
+        server.stop()

@@ -55,12 +55,18 @@ class ExpertOffload:
         self.store, self.caches, self.routers, self.top_k = store, caches, routers, top_k
         self.stats = OffloadStats()
         self.prefetcher = Prefetcher(store, self.stats) if prefetch else None
+        self.guess = self.router_guess  # replaceable (benchmarks drive it from a routing trace)
+
+    def router_guess(self, layer: int, x: mx.array) -> mx.array:
+        """The experts `layer` will probably pick for the tokens of x (the previous layer's MoE
+        input): its own router applied to x. (B, L, K) ids, lazy."""
+        return route(self.routers[layer](x), self.top_k)[0]
 
     def run(self, layer: int, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         cache = self.caches[layer]
         guess = None
         if self.prefetcher is not None and layer + 1 < len(self.caches):
-            guess = route(self.routers[layer + 1](x), self.top_k)[0]  # (B, L, K) for the next layer
+            guess = self.guess(layer + 1, x)  # (B, L, K) for the next layer
         mx.eval(indices, *([] if guess is None else [guess]))  # the offload path's one host sync per layer
         ids = np.array(indices).reshape(-1)  # (N,)
         if layer == 0:

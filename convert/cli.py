@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-d", "--dequantize", action="store_true", help="turn a quantized MLX model into floats")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 500MB or 5GB (default 5GB)")
+    p.add_argument(
+        "--fit",
+        default=None,
+        metavar="SIZE",
+        help="quantize with the best setting (bits or recipe) whose output fits in SIZE, e.g. 20GB",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--upload-repo", default=None, help="hub repository (org/name) to upload the result to")
     p.add_argument("--revision", default=None, help="hub revision of the source (branch, tag or commit)")
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             upload_repo=args.upload_repo,
             revision=args.revision,
             progress=bar,
+            fit=args.fit,
+            on_fit=lambda choice: print(f"mlx-mixtral convert: {choice.line()}", file=sys.stderr, flush=True),
         )
     except KeyboardInterrupt:
         print("mlx-mixtral convert: interrupted; nothing was written", file=sys.stderr)

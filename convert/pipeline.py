@@ -21,10 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_mixtral.convert.card import upload, write_model_card
+from mlx_mixtral.convert.fit import FitChoice, choose_fit
 from mlx_mixtral.convert.quant import DEFAULT_BITS, DEFAULT_GROUP, config_entry, make_plan
 from mlx_mixtral.convert.shards import Entry, ShardWriter, parse_size
 from mlx_mixtral.convert.source import open_source
-from mlx_mixtral.convert.transform import Context, convert_group, make_context
+from mlx_mixtral.convert.transform import Context, convert_group, make_context, plan_outputs
 from mlx_mixtral.dtypes import dtype_name, parse_dtype
 from mlx_mixtral.errors import ConvertError, OptionError
 
@@ -71,6 +72,8 @@ def convert(
     upload_repo: str | None = None,
     revision: str | None = None,
     progress: Callable[[Progress], None] | None = None,
+    fit: str | int | None = None,
+    on_fit: Callable[[FitChoice], None] | None = None,
 ) -> Path:
     """Convert a Hugging Face, Mistral-native or MLX checkpoint (directory or hub id) into an
     MLX model directory at `mlx_path` and return its path.
@@ -82,6 +85,8 @@ def convert(
     dtype: "float16", "bfloat16" or "float32" for everything not quantized (default: as stored).
     dequantize: turn a quantized MLX checkpoint back into floating point.
     An MLX source without quantize/dequantize is resharded (and cast) with its quantization kept.
+    fit: a size ("20GB" or bytes): quantize with the best setting whose output fits (see fit.py;
+    replaces q_bits/recipe); `on_fit(choice)` hears the choice before anything is written.
     Raises ConvertError (one line) on any problem; nothing is left at `mlx_path` then.
     """
     dst = Path(mlx_path).expanduser().absolute()
@@ -96,9 +101,16 @@ def convert(
     source = open_source(hf_path, revision=revision)
     if _overlaps(source.path, dst):
         raise ConvertError(f"{dst}: destination overlaps the source {source.path}; choose another directory")
+    if fit is not None:
+        if dequantize or q_mode != "affine":
+            raise ConvertError("--fit chooses affine bits or a recipe: it cannot be combined with dequantize or q_mode")
+        choice = choose_fit(source, parse_size(fit), group_size=q_group_size, dtype=out_dtype)
+        if on_fit is not None:
+            on_fit(choice)
+        quantize, q_bits, recipe = True, choice.settings.get("q_bits"), choice.settings.get("recipe")
     plan = make_plan(q_bits, q_group_size, q_mode, recipe, source.args.num_hidden_layers) if quantize else None
     ctx = make_context(source, plan, out_dtype, requantize=quantize or dequantize)
-    entries, decisions = _plan_outputs(ctx)
+    entries, decisions = plan_outputs(ctx)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(dst)
@@ -130,23 +142,6 @@ def _overlaps(source: Path, dst: Path) -> bool:
     shadow what is being read; a new directory inside the source is harmless."""
     source, dst = source.resolve(), dst.resolve()
     return source == dst or dst in source.parents
-
-
-def _plan_outputs(ctx: Context) -> tuple[list[Entry], dict[str, dict | bool]]:
-    """Every output tensor's name, dtype and shape, in writing order, and each quantizable
-    module's decision; built from lazy arrays, so no weight is read."""
-    entries, decisions, seen = [], {}, set()
-    for _, names in ctx.source.groups():
-        for path, out, decision in convert_group(ctx.source.load(names), ctx):
-            entries += [Entry(n, a.dtype, tuple(a.shape), a.nbytes) for n, a in out.items()]
-            seen.add(f"{path}.weight")
-            if decision is not None:
-                decisions[path] = decision
-    missing = sorted(set(ctx.expected) - seen)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{ctx.source.path}: checkpoint lacks tensor {missing[0]!r}{more}")
-    return entries, decisions
 
 
 def _write_model(

@@ -12,7 +12,6 @@ length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,32 +20,17 @@ from typing import BinaryIO
 import mlx.core as mx
 
 from mlx_mixtral.dtypes import SAFETENSORS_CODE
-from mlx_mixtral.errors import ConvertError
+from mlx_mixtral.errors import ConvertError, OptionError
+from mlx_mixtral.memory.budget import parse_bytes
 from mlx_mixtral.weights import INDEX_NAME
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 
 def parse_size(size: str | int) -> int:
-    """Bytes in "500MB", "5GB", "1.5GiB" or a plain integer (decimal units as in transformers'
-    max_shard_size, binary ones with an `i`)."""
-    if isinstance(size, int) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if m is None or float(m[1]) <= 0:
-        raise ConvertError(f"invalid shard size {size!r} (expected e.g. '500MB', '5GB' or a number of bytes)")
-    return int(float(m[1]) * _UNITS[(m[2] or "").upper()])
+    """Bytes in "500MB", "5GB", "1.5GiB" or a plain integer (see memory.budget.parse_bytes)."""
+    try:
+        return parse_bytes(size, "shard size")
+    except OptionError as e:
+        raise ConvertError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from mlx_mixtral.config import config_path
 from mlx_mixtral.convert.quant import QuantPlan
+from mlx_mixtral.convert.shards import Entry
 from mlx_mixtral.convert.source import Source
 from mlx_mixtral.errors import ConvertError, LoadError, WeightsError
 from mlx_mixtral.loader import quantize_like_checkpoint
@@ -144,3 +145,20 @@ def convert_module(path: str, parts: dict[str, mx.array], ctx: Context) -> tuple
     if biases:
         out[f"{path}.biases"] = biases[0]
     return out, decision
+
+
+def plan_outputs(ctx: Context) -> tuple[list[Entry], dict[str, dict | bool]]:
+    """Every output tensor's name, dtype and shape, in writing order, and each quantizable
+    module's decision; built from lazy arrays, so no weight is read."""
+    entries, decisions, seen = [], {}, set()
+    for _, names in ctx.source.groups():
+        for path, out, decision in convert_group(ctx.source.load(names), ctx):
+            entries += [Entry(n, a.dtype, tuple(a.shape), a.nbytes) for n, a in out.items()]
+            seen.add(f"{path}.weight")
+            if decision is not None:
+                decisions[path] = decision
+    missing = sorted(set(ctx.expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{ctx.source.path}: checkpoint lacks tensor {missing[0]!r}{more}")
+    return entries, decisions

@@ -67,6 +67,14 @@ class ModelArgs:
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
 
+    def num_parameters(self) -> int:
+        """Parameters of the model this config describes (Mixtral-8x7B: 46.7B)."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attention = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        ffn = self.num_local_experts * (3 * d * f + d) if self.is_moe else 3 * d * f
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * d + self.num_hidden_layers * (attention + ffn + 2 * d) + d
+
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a Hugging Face config.json dict (or Mistral params.json, detected by its keys)."""

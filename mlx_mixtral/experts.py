@@ -148,11 +148,13 @@ class SwitchGLU(nn.Module):
         if indices.size >= SORT_MIN_PAIRS:
             y = self._sorted(x, indices)  # (B, L, K, D)
         else:
-            y = self._experts(x[..., None, None, :], indices, sorted_indices=False)  # (B, L, K, 1, D)
+            y = self.expert_outputs(x[..., None, None, :], indices, sorted_indices=False)  # (B, L, K, 1, D)
             y = y.squeeze(-2)  # (B, L, K, D)
         return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)  # (B, L, D)
 
-    def _experts(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+    def expert_outputs(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """SwiGLU of each row of x through the expert its index names: x (..., 1, D), indices (...)
+        -> (..., 1, D); `sorted_indices` when equal indices are adjacent."""
         gate = self.gate_proj(x, indices, sorted_indices)
         up = self.up_proj(x, indices, sorted_indices)
         return self.down_proj(nn.silu(gate) * up, indices, sorted_indices)
@@ -163,6 +165,6 @@ class SwitchGLU(nn.Module):
         flat = indices.flatten()  # (N,)
         order = mx.argsort(flat)  # (N,)
         tokens = x.reshape(-1, 1, x.shape[-1])[order // k]  # (N, 1, D) in expert order
-        y = self._experts(tokens, flat[order], sorted_indices=True)  # (N, 1, D)
+        y = self.expert_outputs(tokens, flat[order], sorted_indices=True)  # (N, 1, D)
         y = y.squeeze(1)[mx.argsort(order)]  # (N, D) back in (token, slot) order
         return y.reshape(*lead, k, -1)  # (B, L, K, D)

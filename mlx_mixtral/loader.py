@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
-import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_mixtral.config import ModelArgs, config_path, read_config
-from mlx_mixtral.errors import ConfigError, LoadError, WeightsError
+from mlx_mixtral.dtypes import compute_dtype
+from mlx_mixtral.errors import ConfigError, LoadError, OptionError, WeightsError
 from mlx_mixtral.experts import kernel_choice
+from mlx_mixtral.memory.budget import wire_model_memory
 from mlx_mixtral.model import HF_EXPERT_NAMES, Mixtral, sanitize
 from mlx_mixtral.weights import (
     INDEX_NAME,
@@ -26,33 +28,77 @@ from mlx_mixtral.weights import (
     tensor_mismatch,
 )
 
+if TYPE_CHECKING:
+    from mlx_mixtral.memory.plan import MemoryPlan
+    from mlx_mixtral.tokenizer import Tokenizer
+
 # What a model needs from a hub repository; the weights are chosen once the index is known.
 _HUB_METADATA = ["*.json", "*.jinja", "tokenizer.model", "tokenizer.model.v*", "*.tiktoken"]
 
 
-def load(
+def load(path_or_repo: str | Path, *, revision: str | None = None, **options: Any) -> tuple[Mixtral, Tokenizer]:
+    """Load a model and its tokenizer from a local directory or a Hugging Face hub id; keyword
+    options as for `load_planned_model` (dtype, kernels, max_memory, max_kv_size, expert_cache, ...)."""
+    from mlx_mixtral.tokenizer import load_tokenizer
+
+    model = load_planned_model(path_or_repo, revision=revision, **options)
+    return model, load_tokenizer(model.model_dir)
+
+
+def load_planned_model(
     path_or_repo: str | Path,
     *,
     dtype: mx.Dtype | None = None,
     revision: str | None = None,
     lazy: bool = False,
-    memory_check: str = "warn",
     kernels: str | None = None,
-):
-    """Load a model and its tokenizer from a local directory or a Hugging Face hub id.
+    max_memory: str | int | None = None,
+    max_kv_size: int | None = None,
+    expert_cache: str | float | int | None = None,
+    memory_check: str = "plan",
+    on_plan: Callable[[MemoryPlan], None] | None = None,
+) -> Mixtral:
+    """The model of a local directory or a Hugging Face hub id, loaded as its memory plan says.
 
     `dtype` is the compute dtype of everything not quantized (None: float32 on the CPU backend,
     whose quantized and gathered matmuls are fastest, or only work, in float32; the checkpoint's
-    dtype on a GPU). `memory_check` is "warn", "error" or "off". `kernels` chooses the expert
-    kernels ("auto", "fused", "builtin"; None: $MLX_MIXTRAL_KERNELS, else "auto"), see
-    `Mixtral.set_kernels`; `model.kernels` says what runs.
-    """
-    kernels = kernel_choice(kernels)  # a bad value fails before anything is downloaded
-    from mlx_mixtral.tokenizer import load_tokenizer
+    dtype on a GPU). `kernels` chooses the expert kernels ("auto", "fused", "builtin"; None:
+    $MLX_MIXTRAL_KERNELS, else "auto"), see `Mixtral.set_kernels`; `model.kernels` says what runs.
 
+    Memory: the memory plan (mlx_mixtral.memory.plan) is made first, from config.json and the
+    safetensors headers only, so for a hub id before any weight is downloaded. A model that does not
+    fit even with its experts offloaded is refused then (a LoadError saying what would fit); one that
+    fits only in part loads with expert offloading (mlx_mixtral.offload: its experts are read from
+    its own files when used). `model.memory_plan` is the plan. `max_memory` (bytes or "12GB")
+    replaces the machine's budget, `max_kv_size` is the context the KV cache is counted for, and
+    `expert_cache` ("30%", 0.3, or bytes such as "8GB") offloads with that much of the experts in
+    memory whatever the plan says. memory_check="off" loads everything resident without a plan.
+    `on_plan(plan)` is called once the plan is made and accepted, before anything is downloaded
+    (the CLI prints its line).
+    """
+    from mlx_mixtral.memory.plan import plan
+    from mlx_mixtral.offload.load import load_offloaded
+
+    kernels = kernel_choice(kernels)  # a bad value fails before anything is downloaded
+    if memory_check not in ("plan", "off"):
+        raise OptionError(f"memory_check={memory_check!r}: expected 'plan' or 'off'", option="memory_check")
+    memory_plan = None
+    if memory_check == "plan" or expert_cache is not None:
+        memory_plan = plan(path_or_repo, max_memory, max_kv_size, revision=revision, dtype=dtype)
+        if expert_cache is not None:
+            memory_plan = memory_plan.with_expert_cache(expert_cache)
+        elif memory_plan.decision == "refuse":
+            raise LoadError(f"{path_or_repo}: {memory_plan.refusal()}")
+        if on_plan is not None:
+            on_plan(memory_plan)
     model_dir = resolve_model_dir(path_or_repo, revision=revision)
-    model = load_model(model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check, kernels=kernels)
-    return model, load_tokenizer(model_dir)
+    if memory_plan is not None and memory_plan.decision == "offload":
+        model = load_offloaded(model_dir, memory_plan.layer_slots(), dtype=dtype, kernels=kernels)
+    else:
+        model = load_model(model_dir, dtype=dtype, lazy=lazy, kernels=kernels)
+    model.memory_plan = memory_plan
+    model.model_dir = model_dir
+    return model
 
 
 def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> Path:
@@ -62,8 +108,7 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
     if path.is_dir():
         return path
     repo = str(path_or_repo)
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-        raise LoadError(f"{repo}: no such directory, and not a hub id of the form 'org/name'")
+    check_hub_id(repo)
     meta_dir = _snapshot(repo, revision, _HUB_METADATA)
     index = meta_dir / INDEX_NAME
     if index.is_file():
@@ -80,6 +125,21 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
 
 def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        raise hub_error(repo, revision, e) from None
+
+
+def check_hub_id(repo: str) -> None:
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
+        raise LoadError(f"{repo}: no such directory, and not a hub id of the form 'org/name'")
+
+
+def hub_error(repo: str, revision: str | None, error: Exception) -> LoadError:
+    """The one-line LoadError for a failed hub request (huggingface_hub's error types)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -87,22 +147,22 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
         RevisionNotFoundError,
     )
 
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
+    if isinstance(error, GatedRepoError):
+        return LoadError(
+            f"{repo}: gated repository; accept its license on huggingface.co and log in (huggingface-cli login)"
+        )
+    if isinstance(error, RepositoryNotFoundError):
+        return LoadError(f"{repo}: no such repository on the hub (or it is private)")
+    if isinstance(error, RevisionNotFoundError):
+        return LoadError(f"{repo}: revision {revision!r} not found")
+    if isinstance(error, LocalEntryNotFoundError):
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-        raise LoadError(
+        return LoadError(
             f"{repo}: not in the local hub cache and {why}; download it once online or pass a local directory"
-        ) from None
-    except GatedRepoError:
-        raise LoadError(
-            f"{repo}: gated repository; accept its license on huggingface.co and log in (huggingface-cli login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise LoadError(f"{repo}: no such repository on the hub (or it is private)") from None
-    except RevisionNotFoundError:
-        raise LoadError(f"{repo}: revision {revision!r} not found") from None
+        )
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return LoadError(f"{repo}: the hub request failed ({first})")
 
 
 def load_model(
@@ -110,10 +170,10 @@ def load_model(
     *,
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
-    memory_check: str = "warn",
     kernels: str | None = None,
 ) -> Mixtral:
-    """Build the model a directory describes and load its checked weights into it."""
+    """Build the model a directory describes and load its checked weights into it, all resident
+    (`load` first asks the memory planner whether they fit)."""
     model_dir = Path(model_dir)
     args, files, headers = read_model_dir(model_dir)
     weights: dict[str, mx.array] = {}
@@ -125,7 +185,7 @@ def load_model(
         raise LoadError(f"{model_dir}: {e}") from None
 
     model = Mixtral(args)
-    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=lazy, memory_check=memory_check, kernels=kernels)
+    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=lazy, kernels=kernels)
     return model
 
 
@@ -147,36 +207,46 @@ def fill_model(
     *,
     dtype: mx.Dtype | None,
     lazy: bool,
-    memory_check: str,
     kernels: str | None = None,
 ) -> None:
     """Quantize `model` like the checkpoint, check the (sanitized) weights against it, cast them
-    to the compute dtype and load them. Each tensor is evaluated on its own and replaced in
-    `weights`, so the uncast copy is freed before the next one is read."""
+    to the compute dtype and load them (see shape_model and install_weights)."""
+    shape_model(model, weights, headers, model_dir)
+    install_weights(model, weights, dtype=dtype or default_dtype(weights), lazy=lazy)
+    finish_model(model, kernels)
+
+
+def shape_model(model: Mixtral, weights: dict[str, mx.array], headers: dict[str, TensorInfo], model_dir: Path) -> None:
+    """Swap in quantized layers like the checkpoint's and check every tensor against the model.
+    Reads no data: `weights` may hold lazy placeholders."""
     quantize_like_checkpoint(model, weights, model.args.quantization or {})
     check_against_model(model, weights, headers, model_dir)
-    dtype = dtype or default_dtype(weights)
+
+
+def install_weights(model: Mixtral, weights: dict[str, mx.array], *, dtype: mx.Dtype, lazy: bool = False) -> None:
+    """Cast floating-point tensors to `dtype` and load them into `model` (all of them or a part).
+    Each tensor is evaluated on its own and replaced in `weights`, so the uncast copy is freed
+    before the next one is read."""
     for name, value in weights.items():
         if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
             weights[name] = value.astype(dtype)
-    check_memory(sum(v.nbytes for v in weights.values()), model_dir, memory_check)
     if not lazy:
         for value in weights.values():
             mx.eval(value)
     model.update(tree_unflatten(list(weights.items())))
+
+
+def finish_model(model: Mixtral, kernels: str | None, extra_wired: int = 0) -> None:
     model.eval()
     model.set_kernels(kernels)
-    wire_model_memory(model)
+    wire_model_memory(model, extra_wired)
 
 
 def default_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
-    """float32 on the CPU backend (measured with mlx 0.32: its quantized matmul is ~8x faster with float32
-    scales than bfloat16, and gather_mm accepts only float32); the checkpoint's float dtype
-    (usually bfloat16 or float16, the fast types on Apple GPUs) elsewhere."""
-    if mx.default_device() == mx.cpu:
-        return mx.float32
-    floats = [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating) and k.endswith("weight")]
-    return max(set(floats), key=floats.count) if floats else mx.float16
+    """The compute dtype of a checkpoint's (sanitized) weights; see dtypes.compute_dtype."""
+    return compute_dtype(
+        [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating) and k.endswith("weight")]
+    )
 
 
 def quantize_like_checkpoint(model: nn.Module, weights: dict[str, Any], quantization: dict[str, Any]) -> None:
@@ -236,46 +306,26 @@ def check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: d
             raise LoadError(f"{model_dir / _source_file(name, headers)}: {problem}")
 
 
-def _physical_memory() -> tuple[int, int | None]:
-    """(total bytes, available bytes or None) of this machine."""
-    if mx.metal.is_available():
-        info = mx.device_info()
-        return int(info["max_recommended_working_set_size"]), None
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        avail = None
-    return total, avail
+def source_tensors(headers: dict[str, TensorInfo], args: ModelArgs, model_dir: Path) -> dict[str, list[str]]:
+    """Model parameter name -> the checkpoint tensors it is made of: one, or one per expert (in
+    expert order) for a Hugging Face layout that `sanitize` stacks.
 
-
-def check_memory(needed: int, model_dir: Path, mode: str = "warn") -> None:
-    """Refuse a model larger than the machine's memory; warn when it exceeds what is free now."""
-    if mode == "off":
-        return
-    total, avail = _physical_memory()
-    gb = 1024**3
-    if needed > total:
-        msg = (
-            f"{model_dir}: model needs {needed / gb:.1f} GiB but this machine has {total / gb:.1f} GiB "
-            f"usable; use a smaller quantization"
+    The mapping comes from the model's own `sanitize`, run on placeholders that carry each tensor's
+    index (0-d arrays; stacking them gives the expert order), so the name mapping exists only once."""
+    names = sorted(headers)
+    native = next((n for n in names if not n.startswith(("model.", "lm_head."))), None)
+    if native is not None:
+        raise LoadError(
+            f"{model_dir}: Mistral-native tensor names (e.g. {native!r}); reading part of the weights "
+            f"(distributed loading, expert offloading) needs a Hugging Face or MLX layout, convert it first "
+            f"with `mlx-mixtral convert`"
         )
-        raise LoadError(msg)
-    if avail is not None and needed > avail:
-        msg = f"{model_dir}: model needs {needed / gb:.1f} GiB, only {avail / gb:.1f} GiB free now; expect swapping"
-        if mode == "error":
-            raise LoadError(msg)
-        warnings.warn(msg, ResourceWarning, stacklevel=3)
-
-
-def wire_model_memory(model: Mixtral) -> None:
-    """On Apple GPUs, wire as much memory as the model's weights (plus headroom for the cache and
-    activations), not the whole machine, while this model lives; restore the old limit after."""
-    if not mx.metal.is_available():
-        return
-    weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    ceiling = int(mx.device_info()["max_recommended_working_set_size"])
-    limit = min(ceiling, int(weights_bytes * 1.1) + (1 << 30))
-    previous = mx.set_wired_limit(limit)
-    weakref.finalize(model, mx.set_wired_limit, previous)
+    marks = {n: mx.array(i) for i, n in enumerate(names)}
+    try:
+        mapped = sanitize(marks, args)
+    except WeightsError as e:
+        raise LoadError(f"{model_dir}: {e}") from None
+    return {
+        final: [names[i] for i in np.array(mark).reshape(-1).tolist()] if mark.ndim else [names[mark.item()]]
+        for final, mark in mapped.items()
+    }

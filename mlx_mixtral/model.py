@@ -141,6 +141,9 @@ class Mixtral(nn.Module):
         super().__init__()
         self.args = args
         self.kernels = "builtin"  # what the experts run on; see set_kernels
+        self.offload = None  # the expert caches when experts are offloaded (mlx_mixtral.offload)
+        self.memory_plan = None  # what the loader planned (mlx_mixtral.memory.plan)
+        self.model_dir = None  # where the loader found it
         self.model = MixtralModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -195,8 +198,9 @@ _PARTS = [
 
 
 def weight_part(name: str) -> str:
-    """Which part of the model a (checkpoint or parameter) tensor belongs to: embedding, experts,
-    lm_head, router, attention, dense mlp, norms, or other."""
+    """Which part of the model a (checkpoint or parameter) tensor belongs to, in any of the layouts
+    `sanitize` reads: embedding, experts, lm_head, router, attention, dense mlp, norms, or other."""
+    name = hf_name(name)
     return next((part for fragment, part in _PARTS if fragment in name), "other")
 
 
@@ -218,6 +222,13 @@ HF_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(weight|scales|biases)$")
 
 
+def hf_name(name: str) -> str:
+    """A checkpoint tensor's Hugging Face name (Mistral-native names renamed, others as they are)."""
+    for pattern, repl in _NATIVE_NAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
 def _unpermute_native_qk(w: mx.array, n_heads: int) -> mx.array:
     """Native Mistral q/k rows are interleaved (x0, y0, x1, y1, ...) per head; HF stores the
     two rotary halves one after the other. Same permutation as transformers'
@@ -237,8 +248,7 @@ def sanitize(weights: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
         if "rotary_emb.inv_freq" in name:
             continue
         native = not name.startswith(("model.", "lm_head."))
-        for pattern, repl in _NATIVE_NAMES:
-            name = re.sub(pattern, repl, name)
+        name = hf_name(name)
         if native and re.search(r"self_attn\.[qk]_proj\.weight$", name):
             heads = args.num_attention_heads if ".q_proj." in name else args.num_key_value_heads
             value = _unpermute_native_qk(value, heads)

@@ -19,7 +19,8 @@ import mlx.core as mx
 
 from mlx_mixtral.bench import accounting
 from mlx_mixtral.bench.timing import chip_bandwidth, device_name, fused_vs_builtin, measure_ours, plot, roofline
-from mlx_mixtral.loader import load_model, resolve_model_dir
+from mlx_mixtral.cli.options import add_memory_args, memory_options
+from mlx_mixtral.loader import load_planned_model
 
 
 def _parse_lengths(text: str) -> list[int]:
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (overrides the chip table)")
     p.add_argument("--plot", default=None, help="write a PNG of tok/s against context length")
     p.add_argument("--json", default=None, help="write the results as JSON")
+    add_memory_args(p)
     return p
 
 
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_tokens < 1 or args.reps < 1:
         print("mlx-mixtral bench: --decode-tokens and --reps must be >= 1", file=sys.stderr)
         return 2
-    model = load_model(resolve_model_dir(args.model))
+    # The bench switches the kernels itself (--kernels on/off/both), so it loads with the built-in ops.
+    model = load_planned_model(args.model, **{**memory_options(args), "kernels": "builtin"})
     name = device_name()
     bandwidth = args.bandwidth if args.bandwidth is not None else chip_bandwidth(name)
     source = "--bandwidth" if args.bandwidth is not None else ("chip table" if bandwidth else None)

@@ -192,7 +192,7 @@ class Repl:
         elif last is not None and last.finish_reason == "length":
             _say("(answer cut at the token limit)")
         if self.args.stats and last is not None:
-            _say(format_stats(last))
+            _say(format_stats(last, self.model))
 
 
 def main(argv: list[str] | None = None) -> int:

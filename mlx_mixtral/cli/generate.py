@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     if last is not None and not args.quiet:
-        print(format_stats(last), file=sys.stderr)
+        print(format_stats(last, model), file=sys.stderr)
     return 0
 
 

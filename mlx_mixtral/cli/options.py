@@ -44,6 +44,23 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
         help="shard the model over the processes of `mlx.launch`; rank 0 talks, the others follow",
     )
     add_kernels_arg(p)
+    add_memory_args(p)
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="BYTES",
+        help="memory the model may use, e.g. 12GB (default: the GPU's working set on a Mac, the memory "
+        "available now elsewhere); a model that does not fit gets its experts offloaded",
+    )
+    p.add_argument(
+        "--expert-cache",
+        default=None,
+        metavar="SIZE",
+        help="offload the experts with this much of them in memory (e.g. 30%% or 8GB) whatever the plan says",
+    )
 
 
 def add_kernels_arg(p: argparse.ArgumentParser) -> None:
@@ -87,8 +104,19 @@ def load_for_cli(args: argparse.Namespace):
 
         dm = DistributedModel.start(args.model, kernels=args.kernels)
         return dm.model, dm.tokenizer, dm
-    model, tokenizer = load(args.model, kernels=args.kernels)
+    model, tokenizer = load(args.model, **memory_options(args))
     return model, tokenizer, None
+
+
+def memory_options(args: argparse.Namespace) -> dict[str, Any]:
+    """load()'s memory and kernel options from the flags; the plan's line goes to stderr."""
+    return dict(
+        kernels=args.kernels,
+        max_memory=args.max_memory,
+        max_kv_size=getattr(args, "max_kv_size", None),
+        expert_cache=args.expert_cache,
+        on_plan=lambda plan: print(plan.line(), file=sys.stderr, flush=True),
+    )
 
 
 def report(prog: str, error: MixtralError) -> int:
@@ -102,8 +130,11 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def format_stats(r: Any) -> str:
-    return (
+def format_stats(r: Any, model: Any = None) -> str:
+    """The statistics line of an answer; with an offloading model, its expert-cache figures too."""
+    line = (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
         f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.3f} GB"
     )
+    offload = getattr(model, "offload", None)
+    return line if offload is None else f"{line} | {offload.stats.line()}"

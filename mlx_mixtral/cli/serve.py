@@ -21,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-from mlx_mixtral.cli.options import add_kernels_arg, one_line, report
+from mlx_mixtral.cli.options import add_kernels_arg, add_memory_args, memory_options, one_line, report
 from mlx_mixtral.distributed.model import DistributedModel
 from mlx_mixtral.errors import ChatTemplateError, MixtralError
 from mlx_mixtral.loader import load
@@ -86,6 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="shard the model over the processes of `mlx.launch`; rank 0 serves, the others follow",
     )
     add_kernels_arg(p)
+    add_memory_args(p)
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
@@ -123,7 +124,7 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
             if not dm.is_leader:
                 return Follower(dm.follow)
             return DistributedEngine(dm, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
-        model, tokenizer = load(args.model, kernels=args.kernels)
+        model, tokenizer = load(args.model, **memory_options(args))
         return LocalEngine(model, tokenizer, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
 
     return load_engine

@@ -15,12 +15,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.distributed.sharding import plan_shards, shard_modules
 from mlx_mixtral.dtypes import SAFETENSORS
 from mlx_mixtral.errors import LoadError, WeightsError
-from mlx_mixtral.loader import fill_model, read_model_dir
-from mlx_mixtral.model import Mixtral, sanitize
+from mlx_mixtral.loader import fill_model, read_model_dir, source_tensors
+from mlx_mixtral.model import Mixtral
 from mlx_mixtral.weights import TensorInfo
 
 # Column slices are read a block of whole rows at a time; this bounds that block.
@@ -73,36 +72,11 @@ def read_slice(info: TensorInfo, spec: tuple[int, int, int] | None) -> mx.array:
     return array.view(mx.bfloat16) if info.dtype == "BF16" else array
 
 
-def source_tensors(headers: dict[str, TensorInfo], args: ModelArgs, model_dir: Path) -> dict[str, list[str]]:
-    """Model parameter name -> the checkpoint tensors it is made of: one, or one per expert (in
-    expert order) for a Hugging Face layout that `sanitize` stacks.
-
-    The mapping comes from the model's own `sanitize`, run on placeholders that carry each tensor's
-    index (0-d arrays; stacking them gives the expert order), so the name mapping exists only once."""
-    names = sorted(headers)
-    native = next((n for n in names if not n.startswith(("model.", "lm_head."))), None)
-    if native is not None:
-        raise LoadError(
-            f"{model_dir}: Mistral-native tensor names (e.g. {native!r}); distributed loading reads "
-            f"Hugging Face or MLX layouts, convert it first with `mlx-mixtral convert`"
-        )
-    marks = {n: mx.array(i) for i, n in enumerate(names)}
-    try:
-        mapped = sanitize(marks, args)
-    except WeightsError as e:
-        raise LoadError(f"{model_dir}: {e}") from None
-    return {
-        final: [names[i] for i in np.array(mark).reshape(-1).tolist()] if mark.ndim else [names[mark.item()]]
-        for final, mark in mapped.items()
-    }
-
-
 def load_sharded(
     model_dir: str | Path,
     group: mx.distributed.Group,
     *,
     dtype: mx.Dtype | None = None,
-    memory_check: str = "warn",
     kernels: str | None = None,
 ) -> Mixtral:
     """This rank's part of the model in `model_dir` (see sharding.py for the split), with the same
@@ -127,6 +101,6 @@ def load_sharded(
 
     model = Mixtral(args)
     shard_modules(model, plan, rank, group)
-    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=False, memory_check=memory_check, kernels=kernels)
+    fill_model(model, weights, headers, model_dir, dtype=dtype, lazy=False, kernels=kernels)
     model.shard_plan = plan
     return model

@@ -227,6 +227,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             "queued": worker.queued,
             **worker.stats,
             "prompt_cache_entries": worker.engine.cache_entries(),
+            "offload": None if model.offload is None else model.offload.stats.as_dict(),
         }
 
     @app.get("/v1/models", response_model=ModelList)

@@ -216,6 +216,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class OffloadHealth(BaseModel):
+    """How expert offloading is doing, since the server started."""
+
+    tokens: int
+    hit_rate: float = Field(..., description="share of expert uses found in the expert cache")
+    bytes_read_per_token: float
+    stall_ms_per_token: float = Field(..., description="time generation waited for expert reads")
+    prefetch_accuracy: float = Field(..., description="share of prefetched experts that were used")
+    lookups: int
+    bytes_read: int
+    prefetched: int
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
@@ -228,3 +241,4 @@ class Health(BaseModel):
     prompt_cache_entries: int | None = Field(
         ..., description="conversations kept in the prefix cache (null with --distributed)"
     )
+    offload: OffloadHealth | None = Field(None, description="expert offloading figures (null when all is resident)")

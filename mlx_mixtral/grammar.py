@@ -90,18 +90,6 @@ def lark(start: str, rules: Mapping[str, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile_grammar(tokenizer: Tokenizer, grammar: str, what: str = "json_schema") -> str:
-    """The llguidance grammar of a Lark text, checked: SchemaError names what the engine cannot enforce."""
-    import llguidance
-
-    compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, grammar_vocabulary(tokenizer))
-    if is_error:
-        reason = " ".join(" ".join(messages).split())
-        raise SchemaError(f"{what} cannot be enforced by constrained decoding: {reason}", option=what)
-    return compiled
-
-
 class GrammarConstraint:
     """One generation's grammar state as a logits processor (see the module docstring)."""
 
@@ -109,7 +97,7 @@ class GrammarConstraint:
         import llguidance
 
         vocab = grammar_vocabulary(tokenizer)
-        self.matcher = llguidance.LLMatcher(vocab, grammar, log_level=0)
+        self.matcher = llguidance.LLMatcher(vocab, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
         if self.matcher.is_error():
             raise SchemaError(f"grammar: {self.matcher.get_error()}")
         self.vocab_size = tokenizer.vocab_size
@@ -146,3 +134,142 @@ class GrammarConstraint:
     def finished(self) -> bool:
         """The grammar is complete (only end-of-sequence may follow)."""
         return self.matcher.is_stopped() or self.matcher.is_accepting()
+
+
+# --- what a generation is held to ------------------------------------------------------------------
+
+
+def check_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> str | None:
+    """OpenAI's tool_choice -> "auto", "none", "required" or the one function's name (SchemaError otherwise)."""
+    if tool_choice is None:
+        return "auto" if tools else "none"
+    if tool_choice in ("auto", "none", "required"):
+        if tool_choice == "required" and not tools:
+            raise SchemaError("tool_choice is 'required' but no tools are given", option="tool_choice")
+        return tool_choice
+    function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or tool_choice.get("type", "function") != "function":
+        raise SchemaError(
+            f'tool_choice must be "auto", "none", "required" or {{"type": "function", "function": {{"name": ...}}}}, '
+            f"got {json.dumps(tool_choice)[:80]}",
+            option="tool_choice",
+        )
+    names = [t["function"]["name"] for t in tools]
+    if name not in names:
+        raise SchemaError(
+            f"tool_choice names the function {name!r}, which is not among the tools ({', '.join(names) or 'none'})",
+            option="tool_choice",
+        )
+    return name
+
+
+def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
+    function = tool["function"]
+    # No parameters means a function without arguments: exactly {}.
+    arguments = function["parameters"] or {"type": "object", "properties": {}, "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _calls_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    schemas = [_call_schema(t) for t in tools]
+    items = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    return {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+
+
+def constraint_grammar(
+    *,
+    json_schema: Mapping[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str = "none",
+    parallel_tool_calls: bool = True,
+    tool_format: str = "generic",
+    tool_calls_id: int | None = None,
+) -> str | None:
+    """The Lark grammar an answer is held to, or None when it is free.
+
+    json_schema alone: one JSON value to it. With tools (tool_choice not "none"), in the tool format:
+      generic: {"tool_calls": [calls]} or (auto only) {"response": text, or the json_schema value};
+      mistral: [TOOL_CALLS] then the JSON list of calls, or (auto only) free text (or the json_schema value).
+    "required" or a function's name: calls only (of that function only, when named)."""
+    if tool_choice not in ("auto", "required"):
+        tools = [t for t in tools or [] if t["function"]["name"] == tool_choice]
+    if tool_choice == "none" or not tools:
+        return lark(json_grammar(json_schema)) if json_schema is not None else None
+    calls = _calls_schema(tools, parallel_tool_calls)
+    if tool_format == "mistral":
+        rules = {"calls": f'<[{tool_calls_id}]> " " {json_grammar(calls)}'}
+        if tool_choice != "auto":
+            return lark("calls", rules)
+        rules["answer"] = json_grammar(json_schema) if json_schema is not None else "/(?s:.*)/"
+        return lark("calls | answer", rules)
+    object_of = {"type": "object", "required": None, "additionalProperties": False}
+    call_object = {**object_of, "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
+    if tool_choice != "auto":
+        return lark(json_grammar(call_object))
+    response = {**object_of, "properties": {"response": json_schema or {"type": "string"}}, "required": ["response"]}
+    return lark(json_grammar({"anyOf": [call_object, response]}))
+
+
+def check_constraint(grammar: str | None, what: str) -> None:
+    """SchemaError when llguidance cannot enforce `grammar` (checked without a tokenizer)."""
+    import llguidance
+
+    if grammar is None:
+        return
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        llguidance.LLMatcher.grammar_from_lark(grammar)
+    )
+    if is_error:
+        reason = " ".join(" ".join(messages).split())
+        raise SchemaError(f"{what} cannot be enforced by constrained decoding: {reason}", option=what)
+
+
+def check_structured(
+    *,
+    json_schema: Any = None,
+    tools: Any = None,
+    tool_choice: Any = None,
+    parallel_tool_calls: bool = True,
+) -> dict[str, Any]:
+    """The structured-output options checked (SchemaError names the first problem): json_schema a
+    JSON Schema llguidance can enforce, tools OpenAI tool definitions whose parameters it can
+    enforce, tool_choice one of them. Returned as stream_generate takes them."""
+    from mlx_mixtral.tokenizer.tools import check_tools
+
+    schema = None if json_schema is None else check_schema(json_schema)
+    checked = check_tools(tools) if tools else []
+    choice = check_tool_choice(tool_choice, checked)
+    check_constraint(constraint_grammar(json_schema=schema), "json_schema")
+    if choice != "none":
+        grammar = constraint_grammar(tools=checked, tool_choice=choice, parallel_tool_calls=bool(parallel_tool_calls))
+        check_constraint(grammar, "tools")
+    return dict(
+        json_schema=schema, tools=checked or None, tool_choice=choice, parallel_tool_calls=bool(parallel_tool_calls)
+    )
+
+
+def make_constraint(
+    tokenizer: Tokenizer,
+    *,
+    json_schema: Mapping[str, Any] | None,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str,
+    parallel_tool_calls: bool,
+    tool_format: str,
+) -> GrammarConstraint | None:
+    """The grammar state for one generation with these (checked) options, or None when free."""
+    grammar = constraint_grammar(
+        json_schema=json_schema,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        tool_format=tool_format,
+        tool_calls_id=tokenizer.tool_calls_id,
+    )
+    return None if grammar is None else GrammarConstraint(tokenizer, grammar)

@@ -140,12 +140,16 @@ class GrammarConstraint:
 
 
 def check_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> str | None:
-    """OpenAI's tool_choice -> "auto", "none", "required" or the one function's name (SchemaError otherwise)."""
+    """OpenAI's tool_choice (or a tool's name) -> "auto", "none", "required" or the one function's name
+    (SchemaError otherwise)."""
     if tool_choice is None:
         return "auto" if tools else "none"
     if tool_choice in ("auto", "none", "required"):
         if tool_choice == "required" and not tools:
             raise SchemaError("tool_choice is 'required' but no tools are given", option="tool_choice")
+        return tool_choice
+    names = [t["function"]["name"] for t in tools]
+    if isinstance(tool_choice, str) and tool_choice in names:  # the checked form, a function's name
         return tool_choice
     function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
@@ -155,7 +159,6 @@ def check_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> str | No
             f"got {json.dumps(tool_choice)[:80]}",
             option="tool_choice",
         )
-    names = [t["function"]["name"] for t in tools]
     if name not in names:
         raise SchemaError(
             f"tool_choice names the function {name!r}, which is not among the tools ({', '.join(names) or 'none'})",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # OpenAI allows up to 4 stop sequences and 20 top logprobs (5 on the legacy completions endpoint).
 MAX_STOP = 4
@@ -64,10 +64,19 @@ class ToolCall(_Request):
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(None, description="null only for an assistant's tool calls")
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls")
     tool_call_id: str | None = Field(None, description="the call a tool message answers")
+    content: str | list[TextPart] | None = Field(
+        None, validate_default=True, description="null only for an assistant's tool calls"
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _content_needed(cls, content: object, info: ValidationInfo) -> object:
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required (null only in an assistant message with tool_calls)")
+        return content
 
     def for_template(self) -> dict:
         """The message as the chat template takes it; text parts stay parts (the tokenizer joins them)."""

@@ -292,3 +292,20 @@ def test_generic_response_streams_as_content():
 def test_malformed_tool_call_text_is_plain_content(fmt, first, text):
     _, (content, calls) = _stream(fmt, text, first)
     assert calls is None and content == text
+
+
+def test_chat_session_with_tools_keeps_calls_and_results():
+    from mlx_mixtral import ChatSession
+
+    model, tok = model_v("v3")
+    chat = ChatSession(model, tok, tools=[TIME], tool_choice="required", parallel_tool_calls=False, max_tokens=40)
+    "".join(chat.send("What time is it?"))
+    calls = chat.last.tool_calls
+    assert chat.last.finish_reason == "tool_calls" and calls[0]["function"]["name"] == "now"
+    assert chat.messages[-1] == {"role": "assistant", "content": None, "tool_calls": calls}
+    chat.add_tool_result(calls[0]["id"], "12:00", name="now")
+    answer = "".join(chat.send(None, tool_choice="none", max_tokens=8))
+    assert chat.messages[-1] == {"role": "assistant", "content": answer}
+    # The turn after the tool result prefilled only its own tokens: the cache held the rest.
+    whole = tok.apply_chat_template(chat.messages[:-1], tools=None)
+    assert chat.last.prompt_tokens < len(whole)

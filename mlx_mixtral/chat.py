@@ -68,8 +68,11 @@ def reuse_cache(cache: list[Cache], cached_ids: list[int], ids: list[int]) -> in
 class ChatSession:
     """A conversation with a model; `send` streams the answer to one user message.
 
-    Generation options given here (temperature, top_p, max_tokens, stop, ...) are the defaults
-    for every turn; keyword arguments to `send`/`stream` override them for one turn.
+    Generation options given here (temperature, top_p, max_tokens, stop, ..., tools, tool_choice,
+    json_schema) are the defaults for every turn; keyword arguments to `send`/`stream` override them
+    for one turn. With `tools`, an answer that calls tools is kept as an assistant message with
+    `tool_calls` (`chat.last.tool_calls`); `add_tool_result(call_id, content)` records each result and
+    `send(None)` lets the model answer from them.
     """
 
     def __init__(
@@ -105,18 +108,29 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.messages
 
-    def send(self, text: str, **options: Any) -> Iterator[str]:
+    def add_tool_result(self, call_id: str, content: str, name: str | None = None) -> None:
+        """The result of the tool call `call_id` (from `last.tool_calls`), for the next `send(None)`."""
+        self.messages.append({"role": "tool", "tool_call_id": call_id, "content": content, "name": name})
+
+    def send(self, text: str | None, **options: Any) -> Iterator[str]:
         """Stream the answer to `text` as text pieces."""
         for response in self.stream(text, **options):
             if response.text:
                 yield response.text
 
-    def stream(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
-        """Stream the answer to `text` as `GenerationResponse`s (`prompt_tokens` counts only the
-        tokens prefilled for this turn). Closing the stream early keeps the partial answer."""
+    def stream(self, text: str | None, **options: Any) -> Iterator[GenerationResponse]:
+        """Stream the answer to `text` (None: to the tool results just added) as `GenerationResponse`s
+        (`prompt_tokens` counts only the tokens prefilled for this turn). Closing the stream early
+        keeps the partial answer."""
         options = {**self.options, **options}
-        messages = self.conversation() + [{"role": "user", "content": text}]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=self.chat_template)
+        turn = [] if text is None else [{"role": "user", "content": text}]
+        messages = self.conversation() + turn
+        tools = options.get("tools") if options.get("tool_choice") != "none" else None
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, template=self.chat_template, tools=tools
+        )
+        if tools:
+            options.setdefault("tool_format", self.tokenizer.tool_format(self.chat_template))
         if self.max_kv_size is None:  # a sliding window never runs out of room
             options["max_tokens"] = fit_to_context(
                 len(ids),
@@ -129,7 +143,7 @@ class ChatSession:
         if kept < 0:
             self.cache, kept = self.model.make_cache(self.max_kv_size), 0
         self.cached_ids = ids[:kept]
-        self.messages.append({"role": "user", "content": text})
+        self.messages += turn
         pieces: list[str] = []
         tokens: list[int] = []
         try:
@@ -139,9 +153,11 @@ class ChatSession:
                 self.last = response
                 yield response
         finally:
-            if tokens:
+            if tokens and self.last is not None and self.last.tool_calls:
+                self.messages.append({"role": "assistant", "content": None, "tool_calls": self.last.tool_calls})
+            elif tokens:
                 self.messages.append({"role": "assistant", "content": "".join(pieces)})
-            else:  # failed or stopped before the first token: the turn did not happen
+            elif turn:  # failed or stopped before the first token: the turn did not happen
                 self.messages.pop()
             self._sync_cached_ids(ids + tokens)
 

@@ -64,3 +64,7 @@ class ShardError(MixtralError):
 
 class DistributedError(MixtralError):
     """The ranks of a distributed group cannot go on together; the message names this rank."""
+
+
+class SchemaError(OptionError):
+    """A JSON schema or tool definition is invalid, or uses a feature constrained decoding cannot enforce."""

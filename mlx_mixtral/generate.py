@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from mlx_mixtral.cache import Cache
 from mlx_mixtral.errors import OptionError
+from mlx_mixtral.grammar import check_structured, make_constraint
 from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS
 from mlx_mixtral.sampling import (
@@ -32,6 +33,7 @@ from mlx_mixtral.sampling import (
     validate_token_ids,
 )
 from mlx_mixtral.tokenizer.core import Tokenizer
+from mlx_mixtral.tool_calls import ToolCallStream
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -116,7 +118,7 @@ class GenerationResponse:
 
     text: str
     token: int
-    finish_reason: str | None  # None while running, then "stop" (EOS or stop string) or "length"
+    finish_reason: str | None  # None while running, then "stop" (EOS or stop string), "length" or "tool_calls"
     logprob: float | None  # log-probability of `token` (None unless requested)
     top_logprobs: list[tuple[int, float]] | None  # the n most likely (id, logprob), if requested
     prompt_tokens: int  # tokens prefilled for this request (new tokens only when a cache is reused)
@@ -124,6 +126,7 @@ class GenerationResponse:
     generation_tokens: int  # tokens generated so far, this one included
     generation_tps: float  # decode speed after the first token
     peak_memory: float  # GB, mx.get_peak_memory()
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI tool_calls, on the last response of a tool-call answer
 
 
 class StopMatcher:
@@ -191,6 +194,11 @@ def stream_generate(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     continuation: bool | None = None,
+    json_schema: dict[str, Any] | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
+    tool_format: str | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
 
@@ -203,6 +211,13 @@ def stream_generate(
     split across tokens) or after `max_tokens`. `logprobs=n` adds each token's log-probability
     and the n most likely alternatives. `sampler`/`logits_processors` replace the ones the
     keyword options would build.
+
+    Structured output by constrained decoding (grammar.py): `json_schema` holds the answer to one
+    JSON value of that schema; `tools` (OpenAI definitions, for a prompt that lists them, see
+    `Tokenizer.apply_chat_template(tools=)`) with `tool_choice` ("auto", "none", "required" or
+    {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls` hold it to the tool
+    format (`tool_format`, default `tokenizer.tool_format()`). A tool-call answer's last response
+    has `tool_calls` (OpenAI's objects) and finish_reason "tool_calls"; `text` is the raw answer.
     """
     ids = prompt_ids(tokenizer, prompt)
     validate_token_ids(ids, model.args.vocab_size, "prompt")
@@ -211,6 +226,16 @@ def stream_generate(
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
+    structured = check_structured(
+        json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+    )
+    tool_format = tool_format or tokenizer.tool_format()
+    constraint = make_constraint(tokenizer, tool_format=tool_format, **structured)
+    if constraint is not None:  # last: no other processor may lift a token the grammar forbids
+        logits_processors = [*logits_processors, constraint]
+    calls = None
+    if structured["tool_choice"] != "none":
+        calls = ToolCallStream(tool_format, tool_token=tokenizer.tool_calls_id)
     key = None if seed is None else mx.random.key(seed)
     matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop or []))
     eos = frozenset(tokenizer.eos_token_ids)
@@ -244,6 +269,12 @@ def stream_generate(
             elif max_tokens is not None and n >= max_tokens:
                 tail, stopped = matcher.feed(detok.finalize())
                 text, finish = text + tail + ("" if stopped else matcher.flush()), ("stop" if stopped else "length")
+        tool_calls = None
+        if calls is not None:
+            calls.feed(token, text)
+            if finish is not None:
+                tool_calls = calls.finish()[1]
+                finish = "tool_calls" if tool_calls and finish == "stop" else finish
         yield GenerationResponse(
             text=text,
             token=token,
@@ -255,6 +286,7 @@ def stream_generate(
             generation_tokens=n,
             generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
+            tool_calls=tool_calls,
         )
         if finish is not None:
             return

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlx_mixtral.errors import ContextLimitError, OptionError
+from mlx_mixtral.grammar import check_structured
 from mlx_mixtral.sampling import make_logits_processors, make_sampler
 
 DEFAULT_MAX_TOKENS = 256
@@ -30,9 +31,14 @@ def generation_options(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     logprobs: int = 0,
+    json_schema: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
 ) -> dict[str, Any]:
     """The keyword options of `stream_generate`, checked (the sampler and logits processors they
-    describe are built once here and thrown away, so their own checks run)."""
+    describe are built once here and thrown away, so their own checks run). json_schema, tools and
+    tool_choice are checked as constrained decoding will enforce them (a SchemaError otherwise)."""
     if max_tokens is not None and max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0 or None, got {max_tokens}", option="max_tokens")
     if logprobs < 0:
@@ -51,6 +57,9 @@ def generation_options(
         seed=seed,
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         logprobs=logprobs,
+        **check_structured(
+            json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+        ),
     )
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,10 @@ from mlx_mixtral.server.schema import (
     ModelCard,
     ModelList,
 )
+from mlx_mixtral.server.tools import structured_options
 from mlx_mixtral.server.worker import Finished, Job, ShuttingDown, Worker
 from mlx_mixtral.tokenizer.core import Tokenizer
+from mlx_mixtral.tool_calls import ToolCallStream
 
 log = logging.getLogger("mlx_mixtral.server")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -257,13 +260,21 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                 param="messages",
             )
         messages = [m.for_template() for m in req.messages]
+        structured = structured_options(req)
+        tools = structured["tools"] if structured["tool_choice"] != "none" else None
         try:
-            ids = await run_in_threadpool(tokenizer.apply_chat_template, messages, True, settings.chat_template)
+            ids = await run_in_threadpool(
+                partial(tokenizer.apply_chat_template, tools=tools), messages, True, settings.chat_template
+            )
         except ValueError as e:  # the chat format refused the conversation (order of roles, ...)
             raise APIError(400, f"messages: {e}", param="messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
-        options = request_options(req, len(ids), req.max_completion_tokens or req.max_tokens, limits, top)
-        return await respond(ids, options, ChatAnswer(settings.model_id, tokenizer, len(ids), top), req, request)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        options = request_options(req, len(ids), max_tokens, limits, top, structured)
+        options["tool_format"] = tool_format = tokenizer.tool_format(settings.chat_template)
+        calls = ToolCallStream(tool_format, tokenizer.tool_calls_id) if tools else None
+        answer = ChatAnswer(settings.model_id, tokenizer, len(ids), top, calls)
+        return await respond(ids, options, answer, req, request)
 
     @app.post("/v1/completions", response_model=Completion, responses=stream_doc("Completion"))
     async def completions(req: CompletionRequest, request: Request) -> Any:

@@ -20,6 +20,7 @@ from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.options import fit_to_context, generation_options
 from mlx_mixtral.server.schema import MAX_STOP, _Sampling
 from mlx_mixtral.tokenizer.core import Tokenizer
+from mlx_mixtral.tool_calls import ToolCallStream
 
 
 class APIError(Exception):
@@ -49,11 +50,17 @@ class Limits:
 
 
 def request_options(
-    req: _Sampling, prompt_len: int, max_tokens: int | None, limits: Limits, top_logprobs: int | None
+    req: _Sampling,
+    prompt_len: int,
+    max_tokens: int | None,
+    limits: Limits,
+    top_logprobs: int | None,
+    structured: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """stream_generate's keyword options for a request whose prompt is `prompt_len` tokens and that
-    asks for `top_logprobs` alternatives per token (None: no logprobs at all). What the request
-    gets wrong is a 400 before anything is queued."""
+    asks for `top_logprobs` alternatives per token (None: no logprobs at all); `structured` the
+    checked json_schema/tools options (server/tools.py). What the request gets wrong is a 400
+    before anything is queued."""
     if max_tokens is not None and max_tokens > limits.max_tokens_cap:
         raise APIError(
             400,
@@ -86,9 +93,10 @@ def request_options(
             logprobs=0 if top_logprobs is None else max(top_logprobs, 1),
             seed=None if req.seed is None else req.seed % 2**64,
             logit_bias=_logit_bias(req.logit_bias, limits.vocab_size),
+            **(structured or {}),
         )
     except OptionError as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e), param=e.option) from None
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
@@ -145,6 +153,7 @@ class _Answer:
         self.id = self.id_prefix + uuid.uuid4().hex
         self.created = int(time.time())
         self.text: list[str] = []
+        self.responses: list[GenerationResponse] = []
         self.last: GenerationResponse | None = None
 
     def head(self, object_name: str) -> dict[str, Any]:
@@ -153,6 +162,7 @@ class _Answer:
     def add(self, r: GenerationResponse) -> Any:
         """Record one response; return its logprobs entry (None unless asked for)."""
         self.text.append(r.text)
+        self.responses.append(r)
         self.last = r
         return None if self.top is None else self._logprobs(r)
 
@@ -178,22 +188,43 @@ class _Answer:
 
 
 class ChatAnswer(_Answer):
+    """A chat answer; with `calls` (a tool-call parser, when tools are in play) tool-call text
+    becomes `tool_calls`, and the generic format's {"response": ...} its content."""
+
     id_prefix, object_name, chunk_name = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, tokenizer: Tokenizer, prompt_tokens: int, top_logprobs: int | None):
+    def __init__(
+        self,
+        model: str,
+        tokenizer: Tokenizer,
+        prompt_tokens: int,
+        top_logprobs: int | None,
+        calls: ToolCallStream | None = None,
+    ):
         super().__init__(model, tokenizer, prompt_tokens, top_logprobs)
         self.logprobs: list[dict[str, Any]] = []
+        self.calls = calls
+        self.streamed = ""  # content already sent in deltas
 
     def _logprobs(self, r: GenerationResponse) -> dict[str, Any]:
         entry = chat_logprob(self.tokenizer, r, self.top)
         self.logprobs.append(entry)
         return entry
 
+    def message(self) -> dict[str, Any]:
+        if self.calls is None:
+            return {"role": "assistant", "content": "".join(self.text)}
+        content, tool_calls = self.calls.finish()
+        return {"role": "assistant", "content": content, **({"tool_calls": tool_calls} if tool_calls else {})}
+
     def response(self, cached_tokens: int) -> dict[str, Any]:
         logprobs = {"content": self.logprobs} if self.top is not None else None
+        if self.calls is not None:
+            for r in self.responses:
+                self.calls.feed(r.token, r.text)
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": "".join(self.text)},
+            "message": self.message(),
             "logprobs": logprobs,
             "finish_reason": self.finish_reason(),
         }
@@ -216,10 +247,33 @@ class ChatAnswer(_Answer):
 
     def stream(self, r: GenerationResponse) -> list[str]:
         logprob = self.add(r)
-        events = [self._chunk({"content": r.text}, logprob)] if r.text or logprob is not None else []
+        if self.calls is None:
+            events = [self._chunk({"content": r.text}, logprob)] if r.text or logprob is not None else []
+        else:
+            events = [self._chunk(d, logprob if i == 0 else None) for i, d in enumerate(self._deltas(r))]
         if r.finish_reason is not None:
             events.append(self._chunk({}, finish_reason=r.finish_reason))
         return events
+
+    def _deltas(self, r: GenerationResponse) -> list[dict[str, Any]]:
+        """OpenAI deltas of one response in a tool-call answer: content, or a call's id, type and name
+        first, then pieces of its arguments. At the end, content the scanner could not stream (an
+        answer that turned out not to be a tool call) goes out whole."""
+        out = []
+        for d in self.calls.feed(r.token, r.text):
+            if d.index is None:
+                out.append({"content": d.content})
+                self.streamed += d.content
+            elif d.name is not None:
+                function = {"name": d.name, "arguments": d.arguments}
+                out.append({"tool_calls": [{"index": d.index, "id": d.id, "type": "function", "function": function}]})
+            else:
+                out.append({"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]})
+        if r.finish_reason is not None:
+            content, tool_calls = self.calls.finish()
+            if not tool_calls and content and content.startswith(self.streamed) and content != self.streamed:
+                out.append({"content": content[len(self.streamed) :]})
+        return out
 
 
 class CompletionAnswer(_Answer):

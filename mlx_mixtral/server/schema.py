@@ -10,9 +10,9 @@ presence/frequency penalties) are rejected rather than silently ignored.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # OpenAI allows up to 4 stop sequences and 20 top logprobs (5 on the legacy completions endpoint).
 MAX_STOP = 4
@@ -25,7 +25,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-FinishReason = Literal["stop", "length"] | None  # None until the last token
+FinishReason = Literal["stop", "length", "tool_calls"] | None  # None until the last token
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -50,17 +50,77 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON string")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+    content: str | list[TextPart] | None = Field(
+        None, validate_default=True, description="null only for an assistant's tool calls"
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _content_needed(cls, content: object, info: ValidationInfo) -> object:
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required (null only in an assistant message with tool_calls)")
+        return content
 
     def for_template(self) -> dict:
         """The message as the chat template takes it; text parts stay parts (the tokenizer joins them)."""
         role = "system" if self.role == "developer" else self.role
-        content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
-        return {"role": role, "content": content}
+        content = self.content if not isinstance(self.content, list) else [p.model_dump() for p in self.content]
+        message: dict[str, Any] = {"role": role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if role == "tool":
+            message.update(tool_call_id=self.tool_call_id, name=self.name)
+        return message
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
+    strict: bool | None = Field(None, description="arguments always follow `parameters` here (constrained decoding)")
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(_Request):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(None, description='required with type "json_schema"')
 
 
 class StreamOptions(_Request):
@@ -93,6 +153,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens when both are set")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, else none"
+    )
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = Field(None, description="json_object / json_schema: constrained decoding")
 
 
 class CompletionRequest(_Sampling):
@@ -133,9 +199,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -160,9 +238,24 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call: its first delta has the id, type and name, later ones pieces of the arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -190,6 +190,15 @@ class SentencePieceBackend:
     def encode_raw(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_fragment(self, text: str) -> list[int]:
+        if not self.add_dummy_prefix:
+            return self.sp.encode(text)
+        if self._sp_no_prefix is None:
+            import sentencepiece
+
+            self._sp_no_prefix = sentencepiece.SentencePieceProcessor(model_proto=without_dummy_prefix(self._proto))
+        return self._sp_no_prefix.encode(text)
+
     def _encode_run(self, run: str, *, at_start: bool) -> list[int]:
         if self.legacy or not self.add_dummy_prefix:
             return self.sp.encode(run)
@@ -197,11 +206,7 @@ class SentencePieceBackend:
         # not when the text already starts with a (meta-)space.
         if at_start and not run.startswith((" ", SPACE)):
             return self.sp.encode(run)
-        if self._sp_no_prefix is None:
-            import sentencepiece
-
-            self._sp_no_prefix = sentencepiece.SentencePieceProcessor(model_proto=without_dummy_prefix(self._proto))
-        return self._sp_no_prefix.encode(run)
+        return self.encode_fragment(run)
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         return decode_pieces(self.piece_table(), ids, skip_special)
@@ -313,6 +318,12 @@ class TokenizersBackend:
         if self._raw_space_fix and text.startswith((" ", SPACE)):
             text = " " + text
         return self._raw.encode(text, add_special_tokens=False).ids
+
+    def encode_fragment(self, text: str) -> list[int]:
+        # Text after a newline is mid-text for every pre-tokenizer; "\n" itself is then cut off.
+        newline = self.encode_raw("\n")
+        ids = self.encode_raw("\n" + text)
+        return ids[len(newline) :] if ids[: len(newline)] == newline else ids
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -2,12 +2,15 @@
 
 Mistral formats (mistral-common 1.x, `InstructTokenizerV1` / `V3` with the request normalizer and
 validator that `MistralTokenizer.encode_chat_completion` runs):
-- the conversation is checked: roles system/user/assistant only; system may be followed by anything,
-  user by user/assistant/system, assistant by user/assistant (never by system); a single message must
-  be user or system; assistant messages need content; the last message must be a user (or system)
-  message unless the assistant's answer is being continued or the conversation is a finished record;
+- the conversation is checked: roles system/user/assistant (and tool, v3 only); system may be followed
+  by system/user/assistant, user by user/assistant/system, assistant by user/assistant/tool, tool by
+  tool/assistant/user; a single message must be user or system; assistant messages need content or
+  tool calls (not both), and every call its tool result before the next assistant message; the last
+  message must be a user (or system, or tool) message unless the assistant's answer is being
+  continued or the conversation is a finished record;
 - system messages are removed and their contents joined with "\n\n" into one system prompt;
-  consecutive messages of one role are merged (contents joined with "\n\n", empty ones skipped);
+  consecutive messages of one role are merged (contents joined with "\n\n", empty ones skipped; tool
+  results never);
   a conversation not starting with a user message gets an empty user message in front;
 - tokens: BOS, then per message
     v1 user:      encode("[INST] {content} [/INST]"), the system prompt + "\n\n" in front of the
@@ -15,6 +18,7 @@ validator that `MistralTokenizer.encode_chat_completion` runs):
     v3 user:      [INST] encode(content) [/INST] with control tokens, the system prompt + "\n\n" in
                   front of the content of the LAST user message;
     assistant:    encode(content) + EOS (v3 strips trailing spaces first); no EOS when continued.
+  Tools, tool calls and tool results in v3 are written as tools.py describes.
   `encode` is SentencePiece's plain encode (dummy prefix, no special-token parsing).
 
 Jinja templates are rendered the way transformers' `apply_chat_template` renders them: a sandboxed
@@ -26,20 +30,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
 from mlx_mixtral.errors import ChatTemplateError
+from mlx_mixtral.tokenizer.tools import (
+    TOOL_CALLS_TOKEN,
+    available_tools_json,
+    check_tool_calls,
+    mistral_calls_json,
+    mistral_result_json,
+)
 
 MISTRAL_V1, MISTRAL_V3, JINJA = "mistral-v1", "mistral-v3", "jinja"
-_ROLES = ("system", "user", "assistant")
-# mistral-common's allowed successor roles (validator._validate_message_order, tool role left out).
+_ROLES = ("system", "user", "assistant", "tool")
+# mistral-common's allowed successor roles (validator._validate_message_order).
 _NEXT_ROLES = {
     "system": {"system", "user", "assistant"},
     "user": {"user", "assistant", "system"},
-    "assistant": {"assistant", "user"},
+    "assistant": {"assistant", "user", "tool"},
+    "tool": {"assistant", "tool", "user"},
 }
 _JOIN = "\n\n"
+
+
+@dataclass
+class Turn:
+    """One message as the Mistral formats see it (tool messages and calls only in v3)."""
+
+    role: str
+    text: str
+    calls: list[dict] = field(default_factory=list)  # an assistant's tool calls: {"id", "name", "arguments"}
+    call_id: str = ""  # a tool message's tool_call_id
 
 
 def content_text(content: object, index: int) -> str:
@@ -63,57 +86,81 @@ def content_text(content: object, index: int) -> str:
     )
 
 
-def _check(messages: Sequence[Mapping], *, final_assistant: bool) -> list[tuple[str, str]]:
-    """Validate like mistral-common and return (role, text) pairs."""
+def _check(messages: Sequence[Mapping], *, final_assistant: bool, tools_allowed: bool) -> list[Turn]:
+    """Validate like mistral-common and return the turns."""
     if not messages:
         raise ChatTemplateError("the conversation is empty: expected at least one message")
-    pairs = []
+    turns: list[Turn] = []
+    pending = 0  # tool results still expected for the latest assistant's calls
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatTemplateError(
                 f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}"
             )
         role = message.get("role")
-        if role not in _ROLES:
+        if role not in _ROLES or (role == "tool" and not tools_allowed):
+            roles = _ROLES if tools_allowed else _ROLES[:3]
             raise ChatTemplateError(
                 f"message {i}: role {role!r} is not supported by the Mistral format "
-                f"(expected one of {', '.join(_ROLES)})"
+                f"(expected one of {', '.join(roles)})"
             )
+        if turns and role not in _NEXT_ROLES[turns[-1].role]:
+            raise ChatTemplateError(f"message {i}: role {role!r} cannot follow role {turns[-1].role!r}")
         if role == "system" and message.get("content") is None:
             raise ChatTemplateError(f"message {i}: system message has no content")
-        text = content_text(message.get("content"), i)
-        if role == "assistant" and not text:
+        turn = Turn(role, content_text(message.get("content"), i))
+        if role == "assistant" and message.get("tool_calls"):
+            if not tools_allowed:
+                raise ChatTemplateError(f"message {i}: tool calls need a format with tools (mistral-v3)")
+            turn.calls = check_tool_calls(message["tool_calls"], i)
+            if turn.text:
+                raise ChatTemplateError(f"message {i}: an assistant message has either content or tool_calls, not both")
+        if role == "assistant" and not turn.text and not turn.calls:
             raise ChatTemplateError(f"message {i}: assistant message has no content")
-        if pairs and role not in _NEXT_ROLES[pairs[-1][0]]:
-            raise ChatTemplateError(f"message {i}: role {role!r} cannot follow role {pairs[-1][0]!r}")
-        pairs.append((role, text))
-    if len(pairs) == 1 and pairs[0][0] == "assistant":
+        if role == "tool":
+            turn.call_id = message.get("tool_call_id") or ""
+            if not isinstance(turn.call_id, str) or not turn.call_id:
+                raise ChatTemplateError(f"message {i}: a tool message needs the tool_call_id it answers")
+        if role == "assistant":
+            if pending:
+                raise ChatTemplateError(f"message {i}: {pending} tool call(s) before it have no tool result")
+            pending = len(turn.calls)
+        elif role == "tool":
+            pending -= 1
+        turns.append(turn)
+    if len(turns) == 1 and turns[0].role not in ("user", "system"):
         raise ChatTemplateError("message 0: a conversation of one message must start with a user or system message")
-    if pairs[-1][0] == "assistant" and not final_assistant and len(pairs) > 1:
+    if turns[-1].role == "assistant" and not final_assistant and len(turns) > 1:
         raise ChatTemplateError(
             "the last message is an assistant message: a prompt for a new answer must end with a "
             "user message (pass add_generation_prompt=False to encode a finished conversation, or "
             "continue_final_message=True to continue that answer)"
         )
-    return pairs
+    return turns
 
 
-def _normalize(pairs: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
-    """System prompt out, same-role runs merged, an empty user message first if needed."""
-    system = [text for role, text in pairs if role == "system" and text]
-    merged: list[tuple[str, list[str]]] = []
+def _normalize(turns: list[Turn]) -> tuple[str | None, list[Turn]]:
+    """System prompt out, same-role runs merged (tool results never), an empty user message first if needed."""
+    system = [t.text for t in turns if t.role == "system" and t.text]
+    merged: list[tuple[str, list[Turn]]] = []
     previous = None
-    for role, text in pairs:
-        if role != "system":
-            if role == previous:
-                merged[-1][1].append(text)
+    for turn in turns:
+        if turn.role != "system":
+            if turn.role == previous and turn.role != "tool":
+                merged[-1][1].append(turn)
             else:
-                merged.append((role, [text]))
-        previous = role  # a system message ends a run even though it is dropped
-    turns = [(role, _JOIN.join(t for t in texts if t)) for role, texts in merged]
-    if not turns or turns[0][0] != "user":
-        turns.insert(0, ("user", ""))
-    return (_JOIN.join(system) if system else None), turns
+                merged.append((turn.role, [turn]))
+        previous = turn.role  # a system message ends a run even though it is dropped
+    out = []
+    for role, run in merged:
+        text = _JOIN.join(t.text for t in run if t.text)
+        calls = [c for t in run for c in t.calls]
+        if text and calls:
+            raise ChatTemplateError("consecutive assistant messages mix content and tool_calls")
+        out.append(Turn(role, text, calls, run[0].call_id))
+    if not out or out[0].role != "user":
+        out.insert(0, Turn("user", ""))
+    return (_JOIN.join(system) if system else None), out
 
 
 def encode_mistral(
@@ -123,33 +170,50 @@ def encode_mistral(
     encode: Callable[[str], list[int]],
     bos_id: int,
     eos_id: int,
-    inst_ids: tuple[int, int] | None = None,
+    control_ids: Mapping[str, int] | None = None,
+    tools: Sequence[Mapping] | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
 ) -> list[int]:
-    """Token ids of a conversation in Mistral's instruct format v1 or v3 (see the module docstring)."""
+    """Token ids of a conversation in Mistral's instruct format v1 or v3 (see the module docstring);
+    `control_ids` maps v3's control tokens ([INST], [TOOL_CALLS], ...) to their ids."""
     if continue_final_message and (not messages or (messages[-1] or {}).get("role") != "assistant"):
         raise ChatTemplateError("continue_final_message=True needs an assistant message last")
-    pairs = _check(messages, final_assistant=continue_final_message or not add_generation_prompt)
-    system, turns = _normalize(pairs)
-    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
-    if version == MISTRAL_V3 and inst_ids is None:
+    control = dict(control_ids or {})
+    if version == MISTRAL_V3 and not {"[INST]", "[/INST]"} <= control.keys():
         raise ChatTemplateError(
             "the mistral-v3 format needs the [INST] and [/INST] control tokens, which this tokenizer does not have"
         )
+    has_tools = version == MISTRAL_V3 and TOOL_CALLS_TOKEN in control
+    turns = _check(
+        messages, final_assistant=continue_final_message or not add_generation_prompt, tools_allowed=has_tools
+    )
+    system, turns = _normalize(turns)
+    users = [i for i, turn in enumerate(turns) if turn.role == "user"]
     ids = [bos_id]
-    for i, (role, text) in enumerate(turns):
-        if role == "user":
+    for i, turn in enumerate(turns):
+        text = turn.text
+        if turn.role == "user":
             if version == MISTRAL_V1:
                 if system and i == users[0]:
                     text = system + _JOIN + text
                 ids += encode(f"[INST] {text} [/INST]")
             else:
-                if system and i == users[-1]:
-                    text = system + _JOIN + text
-                ids += [inst_ids[0], *encode(text), inst_ids[1]]
+                if i == users[-1]:
+                    if tools:
+                        ids += [control["[AVAILABLE_TOOLS]"], *encode(available_tools_json(tools))]
+                        ids.append(control["[/AVAILABLE_TOOLS]"])
+                    if system:
+                        text = system + _JOIN + text
+                ids += [control["[INST]"], *encode(text), control["[/INST]"]]
+        elif turn.role == "tool":
+            result = mistral_result_json(text, turn.call_id)
+            ids += [control["[TOOL_RESULTS]"], *encode(result), control["[/TOOL_RESULTS]"]]
         else:
-            ids += encode(text if version == MISTRAL_V1 else text.rstrip(" "))
+            if turn.calls:
+                ids += [control[TOOL_CALLS_TOKEN], *encode(mistral_calls_json(turn.calls))]
+            else:
+                ids += encode(text if version == MISTRAL_V1 else text.rstrip(" "))
             if not (continue_final_message and i == len(turns) - 1):
                 ids.append(eos_id)
     return ids

@@ -6,6 +6,7 @@ backends.py, streaming decoding in detokenizer.py, the chat formats in chat_temp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,24 @@ from mlx_mixtral.errors import ChatTemplateError
 from mlx_mixtral.tokenizer.backends import SentencePieceBackend, TokenizersBackend
 from mlx_mixtral.tokenizer.chat_template import JINJA, MISTRAL_V1, MISTRAL_V3, encode_mistral, render_jinja
 from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, StreamingDetokenizer, WindowDetokenizer
+from mlx_mixtral.tokenizer.tools import (
+    GENERIC,
+    TOOL_CALLS_TOKEN,
+    check_tools,
+    generic_messages,
+    jinja_messages,
+    tool_format,
+)
 
+CONTROL_TOKENS = (
+    "[INST]",
+    "[/INST]",
+    TOOL_CALLS_TOKEN,
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -42,12 +60,9 @@ class Tokenizer:
         self.vocab_size: int = backend.vocab_size
         self.chat_templates = dict(chat_templates or {})  # name -> Jinja source; "default" is the model's own
         self.name = name
-        inst, end_inst = backend.token_to_id("[INST]"), backend.token_to_id("[/INST]")
-        self._inst_ids = (
-            (inst, end_inst)
-            if (inst is not None and end_inst is not None and {inst, end_inst} <= backend.special_ids)
-            else None
-        )
+        # Mistral's control tokens that this vocabulary has ([INST], [TOOL_CALLS], ...), for the v3 format.
+        ids = {t: backend.token_to_id(t) for t in CONTROL_TOKENS}
+        self._control_ids = {t: i for t, i in ids.items() if i is not None and i in backend.special_ids}
 
     def __repr__(self) -> str:
         return (
@@ -67,6 +82,11 @@ class Tokenizer:
         special = add_special_tokens if bos is None else bos
         ids = self._backend.encode(text)
         return [*self._prefix, *ids, *self._suffix] if special else ids
+
+    def encode_fragment(self, text: str) -> list[int]:
+        """Token ids of `text` as it would be tokenized in the middle of a longer text: no dummy-prefix
+        space, no special tokens (what a grammar engine needs to tokenize forced text)."""
+        return self._backend.encode_fragment(text)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of token ids; special tokens (BOS, EOS, [INST], ...) are left out when skip_special.
@@ -118,7 +138,24 @@ class Tokenizer:
         mistral-v3 when the vocabulary has the [INST]/[/INST] control tokens, else mistral-v1."""
         if "default" in self.chat_templates:
             return JINJA
-        return MISTRAL_V3 if self._inst_ids is not None else MISTRAL_V1
+        return MISTRAL_V3 if {"[INST]", "[/INST]"} <= self._control_ids.keys() else MISTRAL_V1
+
+    def tool_format(self, template: str | None = None) -> str:
+        """How tools are written and called with this chat format (see tokenizer/tools.py): "mistral"
+        with the v3 format, or a Jinja template that takes tools, on a vocabulary with [TOOL_CALLS];
+        "generic" otherwise."""
+        source = self._jinja_source(template)
+        if source is not None and not _takes_tools(source):
+            return GENERIC
+        name = self.chat_template_name if template is None else template
+        if source is None and name != MISTRAL_V3:
+            return GENERIC
+        return tool_format(set(self._control_ids))
+
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The id of the [TOOL_CALLS] control token, if the vocabulary has it."""
+        return self._control_ids.get(TOOL_CALLS_TOKEN)
 
     def _jinja_source(self, template: str | None) -> str | None:
         """The Jinja source `template` stands for, or None for a built-in Mistral format."""
@@ -139,6 +176,24 @@ class Tokenizer:
         known = [MISTRAL_V1, MISTRAL_V3, JINJA, *sorted(k for k in self.chat_templates if k != "default")]
         raise ChatTemplateError(f"unknown chat template {name!r}: expected one of {', '.join(known)} or Jinja source")
 
+    def _with_tools(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None, template: str | None
+    ) -> tuple[Sequence[Mapping[str, Any]], list[dict] | None]:
+        """The messages and tools as the chat format takes them: the generic format rewrites both
+        into plain messages; a Jinja template that takes tools gets call arguments as values."""
+        tools = check_tools(tools) if tools else None
+        uses_tools = tools or any(
+            m.get("role") == "tool" or m.get("tool_calls") for m in messages if isinstance(m, Mapping)
+        )
+        if not uses_tools:
+            return messages, None
+        fmt = self.tool_format(template)
+        if fmt == GENERIC:
+            return generic_messages(messages, tools or []), None
+        if self._jinja_source(template) is not None:
+            return jinja_messages(messages, fmt), tools
+        return messages, tools
+
     def render_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -146,18 +201,21 @@ class Tokenizer:
         template: str | None = None,
         *,
         continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **variables,
     ) -> str:
         """The prompt text of a Jinja chat template (the Mistral formats are token-level, not text)."""
         source = self._jinja_source(template)
         if source is None:
             raise ChatTemplateError("render_chat_template needs a Jinja template; the Mistral formats build tokens")
+        messages, tools = self._with_tools(messages, tools, template)
         return render_jinja(
             source,
             messages,
             special_tokens=self.special_tokens,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            **({"tools": tools} if tools else {}),
             **variables,
         )
 
@@ -168,28 +226,31 @@ class Tokenizer:
         template: str | None = None,
         *,
         continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **variables,
     ) -> list[int]:
-        """Token ids of a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
+        """Token ids of a conversation [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...].
 
         template: None picks automatically (see chat_template_name); "mistral-v1", "mistral-v3",
         "jinja" (the model's template), the name of one of the model's templates, or Jinja source.
         Mistral formats follow mistral-common exactly; a conversation it rejects raises ValueError.
         add_generation_prompt=False allows a finished conversation (last answer closed with EOS);
         continue_final_message=True leaves the last assistant answer open for the model to continue.
+        tools: OpenAI tool definitions; assistant messages may carry OpenAI `tool_calls` and `tool`
+        messages answer them, in the format `tool_format(template)` names (see tokenizer/tools.py).
         """
-        source = self._jinja_source(template)
-        if source is not None:
-            text = render_jinja(
-                source,
+        if self._jinja_source(template) is not None:
+            text = self.render_chat_template(
                 messages,
-                special_tokens=self.special_tokens,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt,
+                template,
                 continue_final_message=continue_final_message,
+                tools=tools,
                 **variables,
             )
             # As transformers: the template writes BOS itself, so no special tokens are added here.
             return self.encode(text, add_special_tokens=False)
+        messages, tools = self._with_tools(messages, tools, template)
         version = self.chat_template_name if template is None else template
         if self.bos_token_id is None:
             raise ChatTemplateError("the Mistral chat format needs a BOS token, which this tokenizer does not have")
@@ -199,7 +260,13 @@ class Tokenizer:
             encode=self._backend.encode_raw,
             bos_id=self.bos_token_id,
             eos_id=self.eos_token_id,
-            inst_ids=self._inst_ids,
+            control_ids=self._control_ids,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
         )
+
+
+def _takes_tools(source: str) -> bool:
+    """Whether a Jinja template reads the `tools` variable (transformers passes it to every template)."""
+    return re.search(r"\btools\b", source) is not None

@@ -236,11 +236,21 @@ def check_against_model(model: Mixtral, weights: dict[str, mx.array], headers: d
             raise LoadError(f"{model_dir / _source_file(name, headers)}: {problem}")
 
 
+def gpu_working_set() -> int | None:
+    """Bytes Metal recommends the GPU keep resident (its working set); None without a Metal GPU.
+    Read from the GPU's info, not the default device's: with the CPU as default device on a Mac,
+    `mx.device_info()` describes the CPU, which has no working set."""
+    if not mx.metal.is_available():
+        return None
+    size = mx.device_info(mx.gpu).get("max_recommended_working_set_size")
+    return None if size is None else int(size)
+
+
 def _physical_memory() -> tuple[int, int | None]:
     """(total bytes, available bytes or None) of this machine."""
-    if mx.metal.is_available():
-        info = mx.device_info()
-        return int(info["max_recommended_working_set_size"]), None
+    working_set = gpu_working_set()
+    if working_set is not None:
+        return working_set, None
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         with open("/proc/meminfo") as f:
@@ -272,10 +282,10 @@ def check_memory(needed: int, model_dir: Path, mode: str = "warn") -> None:
 def wire_model_memory(model: Mixtral) -> None:
     """On Apple GPUs, wire as much memory as the model's weights (plus headroom for the cache and
     activations), not the whole machine, while this model lives; restore the old limit after."""
-    if not mx.metal.is_available():
+    ceiling = gpu_working_set()
+    if ceiling is None:
         return
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    ceiling = int(mx.device_info()["max_recommended_working_set_size"])
     limit = min(ceiling, int(weights_bytes * 1.1) + (1 << 30))
     previous = mx.set_wired_limit(limit)
     weakref.finalize(model, mx.set_wired_limit, previous)

@@ -188,13 +188,59 @@ def test_memory_check_refuses_and_warns(monkeypatch, hf_dir):
     assert any("expect swapping" in str(w.message) for w in caught)
 
 
+def _mac_device_info(d=None):
+    """mx.device_info on a Mac whose default device is the CPU: only the GPU's has a working set."""
+    if d is not None and d == mx.gpu:
+        return {"device_name": "Apple M2 Max", "max_recommended_working_set_size": 1 << 36, "memory_size": 1 << 36}
+    return {"device_name": "Apple M2 Max", "architecture": "arm64"}
+
+
+def test_working_set_read_from_the_gpu_not_the_default_device(monkeypatch, hf_dir):
+    from mlx_mixtral.bench.timing import device_name
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", _mac_device_info)
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: 0)
+    assert loader_mod._physical_memory() == (1 << 36, None)  # mx.device_info()[...] raised KeyError here
+    assert loader_mod.gpu_working_set() == 1 << 36
+    load_model(hf_dir)  # the memory check and the wired limit both read it
+    assert device_name() == "Apple M2 Max"
+    with pytest.raises(LoadError, match="model needs .* but this machine has 0.0 GiB usable"):
+        monkeypatch.setattr(mx, "device_info", lambda d=None: {"max_recommended_working_set_size": 1000})
+        load_model(hf_dir)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors"])
+def test_foreign_quantization_config_is_a_one_line_load_error(tmp_path, hf_dir, method):
+    d = _copy(hf_dir, tmp_path / "q")
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 128, "desc_act": False}
+    (d / "config.json").write_text(json.dumps(config))
+    message = _expect(d, f"config.json: quantization_config has quant_method '{method}', a layout this package")
+    assert "mlx-mixtral convert" in message
+
+
+def test_mlx_quantization_under_either_key_loads(tmp_path, hf_dir):
+    """mlx-community directories write the same MLX dict as `quantization` and `quantization_config`;
+    older ones only the latter."""
+    from mlx_mixtral.convert import convert
+
+    q = convert(hf_dir, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
+    config = json.loads((q / "config.json").read_text())
+    assert config["quantization"] == config["quantization_config"]
+    reference = load_model(q)(IDS[:, :5])
+    config["quantization_config"] = config.pop("quantization")
+    (q / "config.json").write_text(json.dumps(config))
+    assert mx.array_equal(load_model(q)(IDS[:, :5]), reference)
+
+
 def test_wired_limit_sized_to_model_and_restored(monkeypatch, hf_dir):
     """On Metal the loader wires about the model's size and restores the old limit afterwards."""
     import gc
 
     calls = []
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 36})
+    monkeypatch.setattr(mx, "device_info", _mac_device_info)
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 12345)
     model = load_model(hf_dir)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -261,6 +261,17 @@ def probe_layer(mlp, dtype: mx.Dtype, top_k: int, tuner: Tuner) -> ProbeResult |
     return ProbeResult(base.label, tolerance, builtin_us, variants)
 
 
+def probe_distinct(moe: list[tuple], top_k: int, tuner: Tuner) -> list[ProbeResult]:
+    """A fresh probe of each distinct geometry among `moe` ((SwitchGLU, activation dtype) per MoE
+    layer), on its first layer: what `bench` and `doctor` report."""
+    results: dict[str, ProbeResult | None] = {}
+    for mlp, dtype in moe:
+        g = plan_layer(mlp.gate_proj, mlp.up_proj, mlp.down_proj, dtype, top_k)
+        if g is not None and g.label not in results:
+            results[g.label] = probe_layer(mlp, dtype, top_k, tuner)
+    return [r for r in results.values() if r is not None]
+
+
 def _rebuild(mlp, base: ExpertGeometry, result: ProbeResult, rows: int, tuner: Tuner) -> bool:
     """A cached choice is built and checked again (both buffer kinds) before it runs; a failure is
     recorded in `result`. True when it passed."""

@@ -156,6 +156,15 @@ class Mixtral(nn.Module):
             return self.model.embed_tokens.as_linear(h)  # (B, L, V)
         return self.lm_head(h)  # (B, L, V)
 
+    def moe_experts(self) -> list[tuple[SwitchGLU, mx.Dtype]]:
+        """(experts, activation dtype) of every MoE layer in order: what the kernel choice works on.
+        The experts' input is the post-attention norm's output, in that norm's dtype."""
+        return [
+            (layer.block_sparse_moe.switch_mlp, layer.post_attention_layernorm.weight.dtype)
+            for layer in self.layers
+            if "block_sparse_moe" in layer
+        ]
+
     def set_kernels(self, choice: str | None = None, *, tuner=None) -> str:
         """Choose the expert kernels once for every MoE layer ("auto", "fused", "builtin"; None: the
         environment's default) and return what runs: "fused", "builtin", or "mixed" (some layers each).
@@ -167,11 +176,7 @@ class Mixtral(nn.Module):
         choice = kernel_choice(choice)
         if choice == "fused" and not mx.metal.is_available():
             raise OptionError("kernels='fused' needs a Metal GPU (Apple silicon); use 'auto' or 'builtin'")
-        moe = [
-            (layer.block_sparse_moe.switch_mlp, layer.post_attention_layernorm.weight.dtype)  # (experts, activations)
-            for layer in self.layers
-            if "block_sparse_moe" in layer
-        ]
+        moe = self.moe_experts()
         chosen = [None] * len(moe)
         if choice != "builtin" and moe and mx.metal.is_available():
             chosen = choose_kernels(moe, self.args.num_experts_per_tok, choice, tuner)

@@ -139,21 +139,17 @@ def measure_ours(model: LanguageModel, prompt_len: int, decode_tokens: int, reps
 
 
 def fused_vs_builtin(model: Any, tuner: Any = None) -> dict:
-    """The kernel probe on this model's first MoE layer the kernels handle (metal/probe.py: every fused
-    variant built, checked and timed at one decode token against the built-in ops; `tuner`: how, None
-    the real kernels and no decision cache), or {"skipped": why}."""
+    """The kernel probe on this model's first expert geometry the kernels handle (metal/probe.py: every
+    fused variant built, checked and timed at one decode token against the built-in ops; `tuner`: how,
+    None the real kernels and no decision cache), or {"skipped": why}."""
     if not mx.metal.is_available():
         return {"skipped": "the fused kernels need a Metal GPU"}
-    from mlx_mixtral.metal.probe import Tuner, probe_layer
+    from mlx_mixtral.metal.probe import Tuner, probe_distinct
 
-    for layer in model.layers:
-        if "block_sparse_moe" in layer:
-            dtype = layer.post_attention_layernorm.weight.dtype
-            mlp, top_k = layer.block_sparse_moe.switch_mlp, model.args.num_experts_per_tok
-            result = probe_layer(mlp, dtype, top_k, tuner or Tuner(cache=None))
-            if result is not None:
-                return result.summary()
-    return {"skipped": "no MoE layer the fused kernels handle (4/8-bit affine experts)"}
+    results = probe_distinct(model.moe_experts(), model.args.num_experts_per_tok, tuner or Tuner(cache=None))
+    if not results:
+        return {"skipped": "no MoE layer the fused kernels handle (4/8-bit affine experts)"}
+    return results[0].summary()
 
 
 def roofline(bandwidth: float | None, weight_bytes: int, args: Any, context: int, itemsize: int) -> float | None:

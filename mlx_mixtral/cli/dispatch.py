@@ -18,6 +18,7 @@ COMMANDS = {
     "chat": ("mlx_mixtral.cli.chat", "interactive chat in the terminal"),
     "serve": ("mlx_mixtral.cli.serve", "OpenAI-compatible HTTP server with a browser chat page"),
     "bench": ("mlx_mixtral.cli.bench", "measure prefill/decode speed and memory on this machine"),
+    "doctor": ("mlx_mixtral.cli.doctor", "report this machine, MLX, memory, disk speed and the Metal kernel probe"),
 }
 
 

@@ -1,23 +1,21 @@
-"""Time one MoE expert layer for a decode step, fused Metal kernels vs MLX's built-in ops (Mac only).
+"""One MoE expert layer at a decode step, fused Metal kernels vs MLX's built-in ops, without a model.
 
-For `mlx-mixtral bench --kernels`: `compare_fused_builtin()` builds a SwitchGLU at Mixtral-8x7B
-shapes with random 4-bit weights, runs both paths on the same routed token and reports the median
-time per call and how far the two outputs are apart. Shapes: T tokens, D hidden, F expert hidden,
-E experts, K experts per token.
+`synthetic_switch_glu()` builds a SwitchGLU at Mixtral-8x7B's expert shapes with random quantized
+weights (random packed words, scales and biases: no float tensor of the full size is ever made);
+`compare_fused_builtin()` runs the load-time probe (probe.py) on it: every variant built, checked
+against the built-in path and timed. `mlx-mixtral doctor` uses it when no model is given.
+Shapes: D hidden, F expert hidden, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import mlx.core as mx
 
-from mlx_mixtral.experts import QuantizedSwitchLinear, SwitchGLU, route
-from mlx_mixtral.metal.kernels import fused_switch_glu
+from mlx_mixtral.experts import QuantizedSwitchLinear, SwitchGLU
+from mlx_mixtral.metal.probe import Tuner, probe_layer
 
 
-def _require_metal() -> None:
+def require_metal() -> None:
     if not mx.metal.is_available():
         raise RuntimeError(
             "the fused expert kernels need a Metal GPU (Apple silicon, macOS); "
@@ -25,28 +23,46 @@ def _require_metal() -> None:
         )
 
 
-def _random_experts(
-    n_in: int, n_out: int, experts: int, group_size: int, bits: int, dtype: mx.Dtype
+def _random_words(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """Uniform random uint32 words (randint draws through float32, so 16 bits at a time)."""
+    hi, lo = (mx.random.randint(0, 1 << 16, shape, dtype=mx.uint32, key=k) for k in mx.random.split(key))
+    return (hi << 16) | lo
+
+
+def synthetic_experts(
+    n_in: int, n_out: int, experts: int, group_size: int, bits: int, dtype: mx.Dtype, key: mx.array
 ) -> QuantizedSwitchLinear:
-    layer = QuantizedSwitchLinear(n_in, n_out, experts, group_size, bits)
-    # Replaces the constructor's (never evaluated) zeros before anything is materialised.
-    layer.set_weight(mx.random.normal((experts, n_out, n_in), dtype=dtype) * (n_in**-0.5))
-    mx.eval(layer.parameters())
+    """E experts (E, n_out, n_in) of random affine-quantized weights with zero mean and standard
+    deviation about n_in^-0.5, as an initialised layer has: q uniform over 2^bits levels, so
+    w = scale * q + bias with bias = -scale * (2^bits - 1) / 2 and scale = 2 sqrt(3 / n_in) / (2^bits - 1)."""
+    layer = QuantizedSwitchLinear(n_in, n_out, experts, group_size, bits)  # its zeros are never evaluated
+    k_words, k_scales = mx.random.split(key)
+    levels = (1 << bits) - 1
+    jitter = 1 + 0.1 * mx.random.normal((experts, n_out, n_in // group_size), key=k_scales)
+    layer.weight = _random_words((experts, n_out, n_in * bits // 32), k_words)
+    layer.scales = (2 * (3 / n_in) ** 0.5 / levels * jitter).astype(dtype)
+    layer.biases = (-layer.scales.astype(mx.float32) * levels / 2).astype(dtype)
     return layer
 
 
-def _median_ms(fn, iters: int, warmup: int) -> tuple[float, mx.array]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-        mx.eval(out)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        out = fn()
-        mx.eval(out)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), out
+def synthetic_switch_glu(
+    *,
+    hidden: int = 4096,
+    ffn: int = 14336,
+    experts: int = 8,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: mx.Dtype = mx.float16,
+    seed: int = 0,
+) -> SwitchGLU:
+    """A SwitchGLU of random quantized experts; the defaults are Mixtral-8x7B's 4-bit experts."""
+    mlp = SwitchGLU(hidden, ffn, experts)
+    k_gate, k_up, k_down = mx.random.split(mx.random.key(seed), 3)
+    mlp.gate_proj = synthetic_experts(hidden, ffn, experts, group_size, bits, dtype, k_gate)
+    mlp.up_proj = synthetic_experts(hidden, ffn, experts, group_size, bits, dtype, k_up)
+    mlp.down_proj = synthetic_experts(ffn, hidden, experts, group_size, bits, dtype, k_down)
+    mx.eval(mlp.parameters())
+    return mlp
 
 
 def compare_fused_builtin(
@@ -58,51 +74,20 @@ def compare_fused_builtin(
     bits: int = 4,
     group_size: int = 64,
     dtype: mx.Dtype = mx.float16,
-    tokens: int = 1,
-    iters: int = 50,
-    warmup: int = 5,
     seed: int = 0,
+    tuner: Tuner | None = None,
 ) -> dict:
-    """Median ms per SwitchGLU call for `tokens` decode tokens, built-in vs fused, and max |difference|.
-
-    Raises RuntimeError off Metal. Defaults are Mixtral-8x7B's expert shapes.
-    """
-    _require_metal()
-    if tokens * top_k > 16:
-        raise ValueError(f"tokens * top_k = {tokens * top_k}: the fused path is for decode (at most 16 pairs)")
-    mx.random.seed(seed)
-    mlp = SwitchGLU(hidden, ffn, experts)
-    mlp.gate_proj = _random_experts(hidden, ffn, experts, group_size, bits, dtype)
-    mlp.up_proj = _random_experts(hidden, ffn, experts, group_size, bits, dtype)
-    mlp.down_proj = _random_experts(ffn, hidden, experts, group_size, bits, dtype)
-    x = mx.random.normal((tokens, 1, hidden), dtype=dtype)  # (B, L, D)
-    indices, weights = route(mx.random.normal((tokens, 1, experts)), top_k)  # (B, L, K)
-    mx.eval(x, indices, weights)
-
-    def fused():
-        out = fused_switch_glu(x, indices, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if out is None:
-            raise ValueError("the fused kernels do not handle this configuration")
-        return out
-
-    mlp.use_fused = False  # SwitchGLU's built-in gathered ops
-    builtin_ms, builtin_out = _median_ms(lambda: mlp(x, indices, weights), iters, warmup)
-    fused_ms, fused_out = _median_ms(fused, iters, warmup)
-    diff = mx.abs(fused_out.astype(mx.float32) - builtin_out.astype(mx.float32))
-    return {
-        "shape": {
-            "hidden": hidden,
-            "ffn": ffn,
-            "experts": experts,
-            "top_k": top_k,
-            "bits": bits,
-            "group_size": group_size,
-            "dtype": str(dtype),
-            "tokens": tokens,
-        },
-        "builtin_ms": builtin_ms,
-        "fused_ms": fused_ms,
-        "speedup": builtin_ms / fused_ms,
-        "max_abs_diff": diff.max().item(),
-        "max_abs_builtin": mx.abs(builtin_out).max().item(),
-    }
+    """The probe's summary (ProbeResult.summary) for a synthetic layer of these shapes: microseconds
+    per MoE layer of the best fused variant and of the built-in ops, its max error, every variant.
+    Raises RuntimeError off Metal unless a `tuner` says how to run (tests pass the twins)."""
+    if tuner is None:
+        require_metal()
+        tuner = Tuner(cache=None)
+    with mx.stream(tuner.device):
+        mlp = synthetic_switch_glu(
+            hidden=hidden, ffn=ffn, experts=experts, bits=bits, group_size=group_size, dtype=dtype, seed=seed
+        )
+    result = probe_layer(mlp, dtype, top_k, tuner)
+    if result is None:
+        raise ValueError(f"the fused kernels do not handle {bits}-bit experts of group size {group_size}, k {top_k}")
+    return result.summary()

@@ -67,8 +67,7 @@ def moe_layer_counts(
     def fused(x, indices, weights):
         return fused_switch_glu(x, indices, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
-    mlp.use_fused = False  # SwitchGLU's own fallback path, also on a Mac
-    builtin = count(traced_primitives(mlp, x, indices, weights))
+    builtin = count(traced_primitives(mlp.builtin, x, indices, weights))  # SwitchGLU's own path, also on a Mac
     return {
         "router": count(traced_primitives(lambda x: route(router(x), top_k), x)),
         "builtin": builtin,

@@ -12,14 +12,18 @@ P = T*K (token, slot) pairs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
 import mlx.core as mx
 
+from mlx_mixtral.dtypes import dtype_name
+
 SIMD_WIDTH = 32  # lanes per simdgroup on Apple GPUs
 SIMDGROUPS = 2  # simdgroups per threadgroup
 ROWS_PER_SIMDGROUP = 4  # output rows each simdgroup owns (8 per threadgroup, as MLX's qmv)
+ROW_VARIANTS = (1, 2, 4)  # the rows-per-simdgroup choices the load-time probe builds and times
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -73,6 +77,16 @@ class ExpertGeometry:
         if kind == DOWN:
             return self.down_group_size or self.group_size, self.down_bits or self.bits
         return self.group_size, self.bits
+
+    @property
+    def label(self) -> str:
+        """'float16/g64/4bit/down:g64/4bit/D4096/F14336/E8/K2': the instantiation, rows per simdgroup
+        aside (what the probe chooses for a geometry, and what its results are kept under)."""
+        (group_size, bits), (down_group, down_bits) = self.quantization(GATE_UP), self.quantization(DOWN)
+        return (
+            f"{dtype_name(self.dtype)}/g{group_size}/{bits}bit/down:g{down_group}/{down_bits}bit"
+            f"/D{self.hidden}/F{self.ffn}/E{self.experts}/K{self.top_k}"
+        )
 
     def template(self, kind: str) -> list[tuple[str, object]]:
         # Both kernels name the hidden size D and the expert size F; the input size comes first.
@@ -159,6 +173,19 @@ def launch_down(
     )[0]
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """How the two kernels of a fused layer are run: `gate_up(x, ids, gate, up, geometry)` and
+    `down(h, ids, weights, down, geometry)`. METAL runs the Metal kernels; reference.TWINS the pure-MLX
+    twins; the load-time probe takes any launcher, so tests can hand it faulty ones."""
+
+    gate_up: Callable[..., mx.array]
+    down: Callable[..., mx.array]
+
+
+METAL = Launcher(launch_gate_up, launch_down)
+
+
 def _quantized_parts(layer) -> tuple | None:
     """(weight, scales, biases) of an affine-quantized SwitchLinear in the kernels' layout, else None."""
     if getattr(layer, "mode", None) != "affine" or "scales" not in layer or "biases" not in layer:
@@ -173,50 +200,87 @@ def _quantized_parts(layer) -> tuple | None:
     return weight, scales, biases
 
 
-def plan(x: mx.array, indices: mx.array, gate_proj, up_proj, down_proj) -> ExpertGeometry | None:
-    """The kernels' geometry for this call, or None when they do not handle it (caller falls back)."""
+def plan_layer(
+    gate_proj, up_proj, down_proj, dtype: mx.Dtype, top_k: int, rows_per_simdgroup: int = ROWS_PER_SIMDGROUP
+) -> ExpertGeometry | None:
+    """The kernels' geometry for a layer's experts at activation dtype `dtype`, or None when they
+    do not handle it (unquantized, not affine, bits or group size they are not built for, ...)."""
     parts = [_quantized_parts(layer) for layer in (gate_proj, up_proj, down_proj)]
-    if any(p is None for p in parts) or x.dtype not in SUPPORTED_DTYPES:
-        return None
-    if not mx.issubdtype(indices.dtype, mx.integer) or indices.ndim != x.ndim or indices.shape[:-1] != x.shape[:-1]:
+    if any(p is None for p in parts) or dtype not in SUPPORTED_DTYPES:
         return None
     (gw, gs, _), (uw, us, _), (dw, ds, _) = parts
     bits, group_size = gate_proj.bits, gate_proj.group_size
     if (up_proj.bits, up_proj.group_size) != (bits, group_size):
         return None
     experts, ffn, hidden = gs.shape[0], gs.shape[1], gs.shape[2] * group_size
-    if gw.shape != uw.shape or gs.shape != us.shape or x.shape[-1] != hidden:
+    if gw.shape != uw.shape or gs.shape != us.shape:
         return None
     down_group = down_proj.group_size
     if ds.shape != (experts, hidden, ffn // down_group) or ffn % down_group or dw.shape[0] != experts:
         return None
     return ExpertGeometry(
-        x.dtype,
+        dtype,
         group_size,
         bits,
         hidden,
         ffn,
         experts,
-        indices.shape[-1],
+        top_k,
+        rows_per_simdgroup,
         down_group_size=down_group,
         down_bits=down_proj.bits,
     )
 
 
-def fused_switch_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_proj, up_proj, down_proj):
+def plan(
+    x: mx.array, indices: mx.array, gate_proj, up_proj, down_proj, rows_per_simdgroup: int = ROWS_PER_SIMDGROUP
+) -> ExpertGeometry | None:
+    """The kernels' geometry for this call, or None when they do not handle it (caller falls back)."""
+    if not mx.issubdtype(indices.dtype, mx.integer) or indices.ndim != x.ndim or indices.shape[:-1] != x.shape[:-1]:
+        return None
+    geometry = plan_layer(gate_proj, up_proj, down_proj, x.dtype, indices.shape[-1], rows_per_simdgroup)
+    if geometry is None or x.shape[-1] != geometry.hidden:
+        return None
+    return geometry
+
+
+def run_fused(
+    x: mx.array, indices: mx.array, weights: mx.array, parts: dict, geometry: ExpertGeometry, launcher: Launcher
+) -> mx.array:
+    """x (B, L, D), indices (B, L, K), weights (B, L, K) -> (B, L, D) through `launcher`'s two kernels;
+    `parts` maps "gate", "up", "down" to (weight, scales, biases)."""
+    flat_x = x.reshape(-1, geometry.hidden)  # (T, D)
+    flat_ids = indices.reshape(-1)  # (P,)
+    h = launcher.gate_up(flat_x, flat_ids, parts["gate"], parts["up"], geometry)  # (P, F)
+    y = launcher.down(h, flat_ids, weights.reshape(-1), parts["down"], geometry)  # (T, D)
+    return y.reshape(x.shape)  # (B, L, D)
+
+
+def layer_parts(gate_proj, up_proj, down_proj) -> dict:
+    """{"gate", "up", "down"} -> (weight, scales, biases) of a layer's quantized experts."""
+    return {
+        name: (m.weight, m.scales, m.biases) for name, m in (("gate", gate_proj), ("up", up_proj), ("down", down_proj))
+    }
+
+
+def fused_switch_glu(
+    x: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    gate_proj,
+    up_proj,
+    down_proj,
+    approved: ExpertGeometry | None = None,
+):
     """x (B, L, D), indices (B, L, K), weights (B, L, K) -> (B, L, D) in x.dtype, or None if unhandled.
 
     Equals sum_k weights[..., k] * down_k(silu(gate_k x) * up_k x) with float32 accumulation; the
-    intermediate h is rounded to x.dtype, as in the built-in path.
+    intermediate h is rounded to x.dtype, as in the built-in path. `approved` is the instantiation
+    the load-time probe built and checked for this layer: any other (a different dtype, say) is
+    refused (None), so nothing unprobed compiles mid-generation.
     """
-    geometry = plan(x, indices, gate_proj, up_proj, down_proj)
-    if geometry is None:
+    rows = ROWS_PER_SIMDGROUP if approved is None else approved.rows_per_simdgroup
+    geometry = plan(x, indices, gate_proj, up_proj, down_proj, rows)
+    if geometry is None or (approved is not None and geometry != approved):
         return None
-    flat_x = x.reshape(-1, geometry.hidden)  # (T, D)
-    flat_ids = indices.reshape(-1)  # (P,)
-    parts = {
-        name: (m.weight, m.scales, m.biases) for name, m in (("gate", gate_proj), ("up", up_proj), ("down", down_proj))
-    }
-    h = launch_gate_up(flat_x, flat_ids, parts["gate"], parts["up"], geometry)  # (P, F)
-    y = launch_down(h, flat_ids, weights.reshape(-1), parts["down"], geometry)  # (T, D)
-    return y.reshape(x.shape)  # (B, L, D)
+    return run_fused(x, indices, weights, layer_parts(gate_proj, up_proj, down_proj), geometry, METAL)

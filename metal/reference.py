@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_mixtral.metal.kernels import DOWN, GATE_UP, ExpertGeometry, plan
+from mlx_mixtral.metal.kernels import DOWN, GATE_UP, ExpertGeometry, Launcher, layer_parts, plan, run_fused
 
 
 def _dequantized(parts: tuple, ids: mx.array, geometry: ExpertGeometry, kind: str) -> mx.array:
@@ -35,20 +35,12 @@ def down_reference(
     return mixed.reshape(-1, geometry.top_k, geometry.hidden).sum(axis=1).astype(geometry.dtype)  # (T, D)
 
 
+TWINS = Launcher(gate_up_reference, down_reference)
+
+
 def fused_switch_glu_reference(x: mx.array, indices: mx.array, weights: mx.array, gate_proj, up_proj, down_proj):
     """Twin of kernels.fused_switch_glu (None where the kernels would refuse the layer)."""
     geometry = plan(x, indices, gate_proj, up_proj, down_proj)
     if geometry is None:
         return None
-    ids = indices.reshape(-1)  # (P,)
-    h = gate_up_reference(
-        x.reshape(-1, geometry.hidden),
-        ids,
-        (gate_proj.weight, gate_proj.scales, gate_proj.biases),
-        (up_proj.weight, up_proj.scales, up_proj.biases),
-        geometry,
-    )  # (P, F)
-    y = down_reference(
-        h, ids, weights.reshape(-1), (down_proj.weight, down_proj.scales, down_proj.biases), geometry
-    )  # (T, D)
-    return y.reshape(x.shape)  # (B, L, D)
+    return run_fused(x, indices, weights, layer_parts(gate_proj, up_proj, down_proj), geometry, TWINS)  # (B, L, D)

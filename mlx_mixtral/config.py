@@ -100,7 +100,7 @@ class ModelArgs:
             values.setdefault("num_experts_per_tok", 2)
         else:
             values["num_local_experts"] = values["num_experts_per_tok"] = 0
-        values["quantization"] = config.get("quantization") or config.get("quantization_config")
+        values["quantization"] = _mlx_quantization(config)
         return cls(**values)
 
     @classmethod
@@ -155,6 +155,24 @@ class ModelArgs:
             out["num_local_experts"] = self.num_local_experts
             out["num_experts_per_tok"] = self.num_experts_per_tok
         return out
+
+
+def _mlx_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """MLX's quantization dict: `quantization`, else `quantization_config` when it is the same MLX
+    dict (mlx-community directories write it under both keys). A `quantization_config` with a
+    `quant_method` is another tool's layout (GPTQ, AWQ, bitsandbytes, fp8, ...), whose tensors
+    (qweight, qzeros, g_idx, ...) this package does not read."""
+    if config.get("quantization") is not None:
+        return config["quantization"]
+    hf = config.get("quantization_config")
+    if isinstance(hf, dict) and "quant_method" in hf:
+        method = hf["quant_method"]
+        raise ConfigError(
+            f"config.json: quantization_config has quant_method {method!r}, a layout this package does not "
+            "read; convert the original unquantized checkpoint instead (mlx-mixtral convert --hf-path SRC "
+            "--mlx-path DST -q) or use an MLX-quantized model"
+        )
+    return hf or None
 
 
 def _read_rope(config: dict[str, Any], default_theta: float) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 Each message is one line naming the file, field or value at fault and what was expected. The CLI
 catches `MixtralError` once (cli/dispatch.py) and prints that line; any other exception is a bug and
 keeps its traceback. They are `ValueError`s, so callers that only care about bad input can catch
-that.
+that. Warnings (`MixtralWarning`) are one line too; the CLI prints them as `... warning: ...`.
 """
 
 from __future__ import annotations
@@ -68,3 +68,11 @@ class DistributedError(MixtralError):
 
 class SchemaError(OptionError):
     """A JSON schema or tool definition is invalid, or uses a feature constrained decoding cannot enforce."""
+
+
+class MixtralWarning(UserWarning):
+    """Something the user should know that does not stop the work (a one-line message)."""
+
+
+class KernelFallbackWarning(MixtralWarning):
+    """A fused Metal kernel was rejected on this machine; the message says why and what runs instead."""

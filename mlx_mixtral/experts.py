@@ -132,19 +132,25 @@ class SwitchGLU(nn.Module):
 
     def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
-        self.use_fused = False  # decode through metal/'s fused kernels; set by Mixtral.set_kernels
+        # The fused Metal kernel instantiation (metal.ExpertGeometry) the load-time probe built, checked
+        # and chose for this layer's decode steps; None: MLX's built-in ops. Set by Mixtral.set_kernels.
+        self.fused = None
         self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
         self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
         self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x (B, L, D), indices (B, L, K) uint32, weights (B, L, K) float32 -> (B, L, D)."""
-        if self.use_fused and indices.size <= FUSED_MAX_PAIRS and mx.default_device() == mx.gpu:
+        if self.fused is not None and indices.size <= FUSED_MAX_PAIRS and mx.default_device() == mx.gpu:
             from mlx_mixtral.metal import fused_switch_glu
 
-            out = fused_switch_glu(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj)
+            out = fused_switch_glu(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj, self.fused)
             if out is not None:
                 return out
+        return self.builtin(x, indices, weights)
+
+    def builtin(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The same result with MLX's gathered matmuls (what the fused kernels are held against)."""
         if indices.size >= SORT_MIN_PAIRS:
             y = self._sorted(x, indices)  # (B, L, K, D)
         else:

@@ -17,6 +17,8 @@ from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.errors import OptionError, WeightsError
 from mlx_mixtral.experts import SwitchGLU, kernel_choice, route
+from mlx_mixtral.metal.probe import choose_kernels
+from mlx_mixtral.offload.switch import OffloadedSwitchGLU
 
 
 def attention_mask(offset: int, length: int, keys: int, window: int | None) -> mx.array | str | None:
@@ -158,18 +160,37 @@ class Mixtral(nn.Module):
             return self.model.embed_tokens.as_linear(h)  # (B, L, V)
         return self.lm_head(h)  # (B, L, V)
 
-    def set_kernels(self, choice: str | None = None) -> str:
+    def moe_experts(self) -> list[tuple[SwitchGLU, mx.Dtype]]:
+        """(experts, activation dtype) of every MoE layer in order: what the kernel choice works on.
+        The experts' input is the post-attention norm's output, in that norm's dtype. An offloaded
+        layer's experts are its slots, which the same kernels run on."""
+        out = []
+        for layer in self.layers:
+            if "block_sparse_moe" in layer:
+                mlp = layer.block_sparse_moe.switch_mlp
+                experts = mlp.slots if isinstance(mlp, OffloadedSwitchGLU) else mlp
+                out.append((experts, layer.post_attention_layernorm.weight.dtype))
+        return out
+
+    def set_kernels(self, choice: str | None = None, *, tuner=None) -> str:
         """Choose the expert kernels once for every MoE layer ("auto", "fused", "builtin"; None: the
-        environment's default) and return what runs: "fused" or "builtin". The fused kernels need a
-        Metal GPU; "auto" takes them where there is one."""
+        environment's default) and return what runs: "fused", "builtin", or "mixed" (some layers each).
+
+        The fused kernels need a Metal GPU. There they are first probed on this machine (built,
+        checked against the built-in ops, timed; metal/probe.py, results cached per chip and
+        version): "fused" runs the fastest variant that passes, "auto" the fastest of those and the
+        built-in ops. `tuner` (metal.probe.Tuner) replaces how the probe runs, for tests."""
         choice = kernel_choice(choice)
         if choice == "fused" and not mx.metal.is_available():
             raise OptionError("kernels='fused' needs a Metal GPU (Apple silicon); use 'auto' or 'builtin'")
-        use = choice != "builtin" and mx.metal.is_available()
-        for layer in self.layers:
-            if "block_sparse_moe" in layer:
-                layer.block_sparse_moe.switch_mlp.use_fused = use
-        self.kernels = "fused" if use else "builtin"
+        moe = self.moe_experts()
+        chosen = [None] * len(moe)
+        if choice != "builtin" and moe and mx.metal.is_available():
+            chosen = choose_kernels(moe, self.args.num_experts_per_tok, choice, tuner)
+        for (mlp, _), geometry in zip(moe, chosen):
+            mlp.fused = geometry
+        fused = sum(g is not None for g in chosen)
+        self.kernels = "builtin" if not fused else "fused" if fused == len(moe) else "mixed"
         return self.kernels
 
     def make_cache(self, max_kv_size: int | None = None) -> list[Cache]:

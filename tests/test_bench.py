@@ -209,20 +209,17 @@ def test_chip_bandwidth_table():
     assert chip_bandwidth("AMD EPYC") is None
 
 
-def test_kernel_comparison_uses_the_model_expert_shapes(side_by_side):
-    from mlx_mixtral.bench.timing import expert_geometry, fused_vs_builtin
+def test_kernel_comparison_probes_the_model_own_layer(side_by_side, monkeypatch):
+    from mlx_mixtral.bench.timing import fused_vs_builtin
     from mlx_mixtral.loader import load_model
+    from mlx_mixtral.metal.probe import Tuner
+    from mlx_mixtral.metal.reference import TWINS
 
     _, _, run_dir = side_by_side
     model = load_model(run_dir / "4bit")
-    assert expert_geometry(model) == {
-        "hidden": 64,
-        "ffn": 128,
-        "experts": 4,
-        "top_k": 2,
-        "bits": 4,
-        "group_size": 64,
-        "dtype": model.model.norm.weight.dtype,
-    }
     if not mx.metal.is_available():
         assert "Metal" in fused_vs_builtin(model)["skipped"]
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)  # as on a Mac, with the twins as kernels
+    summary = fused_vs_builtin(model, Tuner(launcher=TWINS, cache=None, device=mx.cpu))
+    assert summary["geometry"] == "float32/g64/4bit/down:g64/4bit/D64/F128/E4/K2"  # the model's own experts
+    assert summary["max_error"] == 0.0 and summary["fused_us"] > 0 and summary["builtin_us"] > 0

@@ -123,6 +123,7 @@ def test_mistral_native_params_json():
         ({**MIXTRAL_8X7B, "hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
         ({**MIXTRAL_8X7B, "num_key_value_heads": 5}, "not a multiple of num_key_value_heads=5"),
         ({**MIXTRAL_8X7B, "rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported rope_type 'yarn'"),
+        ({**MIXTRAL_8X7B, "quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq'"),
     ],
 )
 def test_config_errors_name_the_field(cfg, message):

@@ -14,8 +14,10 @@ from mlx_mixtral.errors import MixtralError
 
 
 def test_every_error_class_derives_from_the_base():
-    kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    kinds = [k for k in classes if not issubclass(k, Warning)]
     assert len(kinds) >= 12 and all(issubclass(k, MixtralError) and issubclass(k, ValueError) for k in kinds)
+    assert all(issubclass(k, errors.MixtralWarning) for k in classes if issubclass(k, Warning))
     assert ConvertError is errors.ConvertError
 
 
@@ -36,6 +38,36 @@ def test_the_dispatcher_reports_a_mixtral_error_in_one_line(monkeypatch, capsys)
     assert capsys.readouterr().err == "mlx-mixtral fake: error: /m: missing tensor 'x' (and 2 more)\n"
     _command(monkeypatch, errors.OptionError("top_p must be in (0, 1], got 2", option="top_p"))
     assert cli_main.main(["fake"]) == 2  # a usage error
+
+
+def _warning_command(monkeypatch, *warns: tuple[str, type, str]):
+    """A command that warns (message, category, as if from module) and succeeds."""
+    import warnings
+
+    module = types.ModuleType("fake_command")
+
+    def main(argv):
+        for message, category, where in warns:
+            warnings.warn_explicit(message, category, f"{where}.py", 1, module=where)
+        return 0
+
+    module.main = main
+    monkeypatch.setitem(sys.modules, "fake_command", module)
+    monkeypatch.setitem(cli_main.COMMANDS, "fake", ("fake_command", "a command that warns"))
+
+
+def test_the_dispatcher_shows_each_warning_as_one_line(monkeypatch, capsys):
+    _warning_command(
+        monkeypatch,
+        ("fused expert kernel R=4 rejected\n  (compiler log)", errors.KernelFallbackWarning, "mlx_mixtral.metal.probe"),
+        ("/m: model needs 30.0 GiB, only 20.0 GiB free now; expect swapping", ResourceWarning, "mlx_mixtral.loader"),
+        ("someone else's unclosed file", ResourceWarning, "somelib"),  # hidden, as Python hides it
+    )
+    assert cli_main.main(["fake"]) == 0
+    assert capsys.readouterr().err == (
+        "mlx-mixtral fake: warning: fused expert kernel R=4 rejected (compiler log)\n"
+        "mlx-mixtral fake: warning: /m: model needs 30.0 GiB, only 20.0 GiB free now; expect swapping\n"
+    )
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

@@ -13,6 +13,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_mixtral import LoadError, load_model
 from mlx_mixtral import loader as loader_mod
 from mlx_mixtral.experts import QuantizedSwitchLinear
+from mlx_mixtral.loader import load_planned_model
+from mlx_mixtral.memory.budget import Budget, gpu_working_set
 
 IDS = mx.array(np.random.default_rng(0).integers(0, 128, (2, 70)))  # 280 pairs: the sorted path
 
@@ -177,13 +179,61 @@ def test_missing_config_and_weights(tmp_path, hf_dir):
     _expect(e, r"e: no model\*.safetensors or consolidated\*.safetensors weight files")
 
 
+def _mac_device_info(d=None):
+    """mx.device_info on a Mac whose default device is the CPU: only the GPU's has a working set."""
+    if d is not None and d == mx.gpu:
+        return {"device_name": "Apple M2 Max", "max_recommended_working_set_size": 1 << 36, "memory_size": 1 << 36}
+    return {"device_name": "Apple M2 Max", "architecture": "arm64"}
+
+
+def test_working_set_read_from_the_gpu_not_the_default_device(monkeypatch, hf_dir):
+    from mlx_mixtral.bench.timing import device_name
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", _mac_device_info)
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: 0)
+    assert Budget.of_machine().bytes == 1 << 36  # mx.device_info()[...] raised KeyError here
+    assert gpu_working_set() == 1 << 36
+    load_planned_model(hf_dir)  # the memory plan and the wired limit both read it
+    assert device_name() == "Apple M2 Max"
+    with pytest.raises(
+        LoadError, match="does not fit: .* exceed the budget of 1 KB \\(the GPU's recommended working set\\)"
+    ):
+        monkeypatch.setattr(mx, "device_info", lambda d=None: {"max_recommended_working_set_size": 1000})
+        load_planned_model(hf_dir)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors"])
+def test_foreign_quantization_config_is_a_one_line_load_error(tmp_path, hf_dir, method):
+    d = _copy(hf_dir, tmp_path / "q")
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 128, "desc_act": False}
+    (d / "config.json").write_text(json.dumps(config))
+    message = _expect(d, f"config.json: quantization_config has quant_method '{method}', a layout this package")
+    assert "mlx-mixtral convert" in message
+
+
+def test_mlx_quantization_under_either_key_loads(tmp_path, hf_dir):
+    """mlx-community directories write the same MLX dict as `quantization` and `quantization_config`;
+    older ones only the latter."""
+    from mlx_mixtral.convert import convert
+
+    q = convert(hf_dir, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
+    config = json.loads((q / "config.json").read_text())
+    assert config["quantization"] == config["quantization_config"]
+    reference = load_model(q)(IDS[:, :5])
+    config["quantization_config"] = config.pop("quantization")
+    (q / "config.json").write_text(json.dumps(config))
+    assert mx.array_equal(load_model(q)(IDS[:, :5]), reference)
+
+
 def test_wired_limit_sized_to_model_and_restored(monkeypatch, hf_dir):
     """On Metal the loader wires about the model's size and restores the old limit afterwards."""
     import gc
 
     calls = []
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(mx, "device_info", lambda *device: {"max_recommended_working_set_size": 1 << 36})
+    monkeypatch.setattr(mx, "device_info", _mac_device_info)
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 12345)
     model = load_model(hf_dir)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

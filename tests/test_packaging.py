@@ -33,6 +33,7 @@ def test_converter_and_metal_install_inside_the_package(wheel):
         "mlx_mixtral/loader.py",
         "mlx_mixtral/convert/__init__.py",
         "mlx_mixtral/metal/__init__.py",
+        "mlx_mixtral/cli/doctor_schema.json",
     ):
         assert module in wheel_names
 

@@ -89,8 +89,8 @@ class Config:
 
 def matrix() -> list[Config]:
     """Every dtype x group size x bit width; k = 1, 2, 3 and both buffer address spaces rotate over
-    them; three extra configurations use 3 rows per simdgroup so row tiles end part-way, and two
-    quantize down unlike gate/up (mixed-precision recipes)."""
+    them; three extra configurations use 3 rows per simdgroup so row tiles end part-way, two
+    quantize down unlike gate/up (mixed-precision recipes), and four use 1 or 2 rows per simdgroup."""
     tokens_for = {(1, True): 3, (2, True): 3, (3, True): 2, (1, False): 8, (2, False): 4, (3, False): 3}
     configs = []
     for d, dtype in enumerate(FLOAT_DTYPES):
@@ -101,6 +101,12 @@ def matrix() -> list[Config]:
         configs.append(Config(dtype, 64, 4 if d % 2 else 8, 2, 3, rows_per_simdgroup=3))
     configs.append(Config("bfloat16", 64, 4, 2, 4, down_group_size=32, down_bits=8))
     configs.append(Config("float16", 128, 8, 3, 2, down_group_size=64, down_bits=4))
+    # The other rows-per-simdgroup variants the load-time probe builds and may choose (probe.py),
+    # at a decode step (constant buffers) and at the largest fused batch (device buffers).
+    configs.append(Config("float16", 64, 4, 2, 1, rows_per_simdgroup=1))
+    configs.append(Config("bfloat16", 32, 8, 2, 8, rows_per_simdgroup=1))
+    configs.append(Config("float32", 128, 4, 2, 1, rows_per_simdgroup=2))
+    configs.append(Config("float16", 32, 8, 3, 5, rows_per_simdgroup=2))
     return configs
 
 

@@ -46,8 +46,11 @@ APPLE_BANDWIDTH_GBS = {
 
 def device_name() -> str:
     """'Apple M2 Max' on a Mac (MLX's device info, else sysctl), the CPU's name elsewhere."""
+    # The GPU's info, not the default device's: a Mac whose default device is the CPU describes the
+    # CPU there, and a CPU-only build's GPU info is empty.
+    device = mx.gpu if mx.metal.is_available() else mx.cpu
     try:
-        name = str(mx.device_info().get("device_name", ""))
+        name = str(mx.device_info(device).get("device_name", ""))
     except Exception:  # older MLX builds without device_info
         name = ""
     if not name and sys.platform == "darwin":
@@ -135,40 +138,18 @@ def measure_ours(model: LanguageModel, prompt_len: int, decode_tokens: int, reps
     }
 
 
-def expert_geometry(model: Any) -> dict | None:
-    """Shapes and quantization of the first MoE layer's experts (the arguments of
-    metal.bench.compare_fused_builtin); None for dense or unquantized models."""
-    layer = next((layer for layer in model.layers if "block_sparse_moe" in layer), None)
-    if layer is None:
-        return None
-    gate = layer.block_sparse_moe.switch_mlp.gate_proj
-    if getattr(gate, "mode", None) != "affine":
-        return None
-    a = model.args
-    return {
-        "hidden": a.hidden_size,
-        "ffn": a.intermediate_size,
-        "experts": a.num_local_experts,
-        "top_k": a.num_experts_per_tok,
-        "bits": gate.bits,
-        "group_size": gate.group_size,
-        "dtype": model.model.norm.weight.dtype,
-    }
+def fused_vs_builtin(model: Any, tuner: Any = None) -> dict:
+    """The kernel probe on this model's first expert geometry the kernels handle (metal/probe.py: every
+    fused variant built, checked and timed at one decode token against the built-in ops; `tuner`: how,
+    None the real kernels and no decision cache), or {"skipped": why}."""
+    if not mx.metal.is_available():
+        return {"skipped": "the fused kernels need a Metal GPU"}
+    from mlx_mixtral.metal.probe import Tuner, probe_distinct
 
-
-def fused_vs_builtin(model: Any) -> dict:
-    """One MoE layer's decode step, fused Metal kernels vs built-in ops, at this model's shapes."""
-    geometry = expert_geometry(model)
-    if geometry is None:
-        return {"skipped": "not a 4/8-bit affine MoE model"}
-    from mlx_mixtral.metal.bench import compare_fused_builtin
-
-    try:
-        result = compare_fused_builtin(**geometry)
-    except (RuntimeError, ValueError) as e:
-        return {"skipped": str(e)}
-    result["shape"] = {k: str(v) for k, v in result["shape"].items()}
-    return result
+    results = probe_distinct(model.moe_experts(), model.args.num_experts_per_tok, tuner or Tuner(cache=None))
+    if not results:
+        return {"skipped": "no MoE layer the fused kernels handle (4/8-bit affine experts)"}
+    return results[0].summary()
 
 
 def roofline(bandwidth: float | None, weight_bytes: int, args: Any, context: int, itemsize: int) -> float | None:

@@ -1,6 +1,6 @@
 """`mlx-mixtral <command>`: a thin dispatcher; each command lives in its own module.
 
-stdout carries only answers; progress and statistics go to stderr.
+stdout carries only answers; progress, statistics, warnings and errors go to stderr, one line each.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from mlx_mixtral.cli.options import report
+from mlx_mixtral.cli.options import report, warnings_as_lines
 from mlx_mixtral.errors import MixtralError
 
 # command -> (module, one-line help); each module exposes `main(argv: list[str]) -> int`.
@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": ("mlx_mixtral.cli.serve", "OpenAI-compatible HTTP server with a browser chat page"),
     "bench": ("mlx_mixtral.cli.bench", "measure prefill/decode speed and memory on this machine"),
     "plan": ("mlx_mixtral.cli.plan", "say whether a model fits in memory, before downloading it"),
+    "doctor": ("mlx_mixtral.cli.doctor", "report this machine, MLX, memory, disk speed and the Metal kernel probe"),
 }
 
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     try:
-        return int(module.main(rest) or 0)
+        with warnings_as_lines(f"mlx-mixtral {command}"):
+            return int(module.main(rest) or 0)
     except MixtralError as e:  # bad input of any kind: one line, no traceback; anything else is a bug
         return report(f"mlx-mixtral {command}", e)
 

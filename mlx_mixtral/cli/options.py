@@ -1,10 +1,13 @@
-"""What the commands share: the sampling flags, loading, the one-line error report, and the
-statistics line."""
+"""What the commands share: the sampling flags, loading, the one-line error and warning reports,
+and the statistics line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mlx_mixtral.errors import MixtralError, OptionError
@@ -123,6 +126,21 @@ def report(prog: str, error: MixtralError) -> int:
     """Print a user-facing error as one line on stderr; the exit status it calls for."""
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     return error.exit_status
+
+
+@contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """While a command runs, every warning is one line on stderr, `<prog>: warning: <message>`
+    (not Python's two, file and source line). This package's ResourceWarnings (memory) are shown
+    too; Python hides that category by default."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("default", category=ResourceWarning, module=r"mlx_mixtral(\.|$)")
+        warnings.showwarning = show
+        yield
 
 
 def one_line(e: BaseException) -> str:

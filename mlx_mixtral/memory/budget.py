@@ -56,16 +56,32 @@ class Budget:
         """`max_memory` if given, else the Metal working set, else the memory available now."""
         if max_memory is not None:
             return cls(parse_bytes(max_memory, "max_memory"), "--max-memory")
-        if mx.metal.is_available():
-            return cls(metal_working_set(), "the GPU's recommended working set")
-        available = _meminfo("MemAvailable")
+        working_set = gpu_working_set()
+        if working_set is not None:
+            return cls(working_set, "the GPU's recommended working set")
+        available = available_memory()
         if available is not None:
             return cls(available, "memory available now")
-        return cls(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory")
+        return cls(physical_memory(), "physical memory")
 
 
-def metal_working_set() -> int:
-    return int(mx.device_info(mx.gpu)["max_recommended_working_set_size"])
+def gpu_working_set() -> int | None:
+    """Bytes Metal recommends the GPU keep resident (its working set); None without a Metal GPU.
+    Read from the GPU's info, not the default device's: with the CPU as default device on a Mac,
+    `mx.device_info()` describes the CPU, which has no working set."""
+    if not mx.metal.is_available():
+        return None
+    size = mx.device_info(mx.gpu).get("max_recommended_working_set_size")
+    return None if size is None else int(size)
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory() -> int | None:
+    """Memory available now (Linux's MemAvailable); None where the system does not say."""
+    return _meminfo("MemAvailable")
 
 
 def _meminfo(field: str) -> int | None:
@@ -80,9 +96,10 @@ def wire_model_memory(model: object, extra: int = 0) -> None:
     """On Apple GPUs, wire as much memory as the model's arrays (plus `extra` for the KV cache and
     headroom for activations), not the whole working set, while this model lives; restore the old
     limit after."""
-    if not mx.metal.is_available():
+    ceiling = gpu_working_set()
+    if ceiling is None:
         return
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    limit = min(metal_working_set(), int(weights_bytes * 1.1) + extra + (1 << 30))
+    limit = min(ceiling, int(weights_bytes * 1.1) + extra + (1 << 30))
     previous = mx.set_wired_limit(limit)
     weakref.finalize(model, mx.set_wired_limit, previous)

@@ -35,14 +35,6 @@ class OffloadedSwitchGLU(nn.Module):
         self.layer = layer
         self.offload = offload  # a plain object, not a child module
 
-    @property
-    def use_fused(self) -> bool:
-        return self.slots.use_fused
-
-    @use_fused.setter
-    def use_fused(self, value: bool) -> None:
-        self.slots.use_fused = value
-
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         return self.offload.run(self.layer, x, indices, weights)
 

@@ -237,3 +237,16 @@ def test_commands_print_the_plan_and_answer_the_same_when_offloading(tmp_path_fa
         assert health["tokens"] > 0 and 0 < health["hit_rate"] < 1 and health["bytes_read_per_token"] > 0
     finally:
         server.stop()
+
+
+def test_the_kernel_probe_runs_on_an_offloaded_models_slots(layouts, monkeypatch, tmp_path):
+    """On a Mac the fused kernels run on the slots of an offloaded layer: the probe (its kernels
+    injected here, the pure-MLX twins) approves a geometry for each layer's slots."""
+    from mlx_mixtral.metal.probe import Tuner
+    from mlx_mixtral.metal.reference import TWINS
+
+    model = load_offloaded(layouts["stacked 4-bit"], [2, 3])
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert model.set_kernels("fused", tuner=Tuner(launcher=TWINS, cache=None, device=mx.cpu)) == "fused"
+    geometries = [cache.slots.fused for cache in model.offload.caches]
+    assert [g.experts for g in geometries] == [2, 3]  # the slot tensors, not the checkpoint's 4 experts

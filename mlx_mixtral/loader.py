@@ -57,13 +57,27 @@ def load(
 
 def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local directory as is; otherwise download (or find in the hub cache) only the files a
-    model needs. Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE through huggingface-hub."""
+    model needs. Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE through huggingface-hub.
+
+    The rule: what looks like a path (a Path, or text starting with '.', '/' or '~', or naming
+    something that exists) is local, and must be a directory. Otherwise `org/name` is a hub id;
+    anything else is neither."""
     path = Path(path_or_repo).expanduser()
+    name = str(path_or_repo)
     if path.is_dir():
         return path
-    repo = str(path_or_repo)
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-        raise LoadError(f"{repo}: no such directory, and not a hub id of the form 'org/name'")
+    if isinstance(path_or_repo, Path) or name.startswith((".", "/", "~")) or os.path.lexists(path):
+        what = "not a directory" if os.path.lexists(path) else "no such directory"
+        raise LoadError(f"{name}: {what}")
+    if not re.fullmatch(r"[\w\-][\w.\-]*/[\w\-][\w.\-]*", name):
+        raise LoadError(f"{name}: no such directory, and not a hub id of the form 'org/name'")
+    try:
+        return _resolve_hub_id(name, revision)
+    except LoadError as e:  # the user may have meant a directory of that name
+        raise LoadError(f"{e}; there is no local directory {name!r} either") from None
+
+
+def _resolve_hub_id(repo: str, revision: str | None) -> Path:
     meta_dir = _snapshot(repo, revision, _HUB_METADATA)
     index = meta_dir / INDEX_NAME
     if index.is_file():
@@ -82,6 +96,8 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -103,6 +119,10 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
         raise LoadError(f"{repo}: no such repository on the hub (or it is private)") from None
     except RevisionNotFoundError:
         raise LoadError(f"{repo}: revision {revision!r} not found") from None
+    except HFValidationError:  # the hub's own rules for names (no '--', no '.' at either end, ...)
+        raise LoadError(f"{repo}: not a valid hub id") from None
+    except HfHubHTTPError as e:
+        raise LoadError(f"{repo}: the hub answered {' '.join(str(e).split())[:200]}") from None
 
 
 def load_model(

@@ -19,6 +19,8 @@ import mlx.core as mx
 
 from mlx_mixtral.bench import accounting
 from mlx_mixtral.bench.timing import chip_bandwidth, device_name, fused_vs_builtin, measure_ours, plot, roofline
+from mlx_mixtral.cli.parser import command_parser
+from mlx_mixtral.errors import OptionError
 from mlx_mixtral.loader import load_model, resolve_model_dir
 
 
@@ -26,14 +28,14 @@ def _parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-lengths {text!r}: expected comma-separated integers") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
     if not lengths or min(lengths) < 1:
-        raise argparse.ArgumentTypeError(f"--prompt-lengths {text!r}: lengths must be >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be >= 1")
     return lengths
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-mixtral bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = command_parser("mlx-mixtral bench", __doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True, help="MLX model directory or hub id")
     p.add_argument(
         "--prompt-lengths",
@@ -47,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         "--kernels",
         choices=["on", "off", "both"],
         default="on",
-        help="fused Metal expert kernels (MLX_MIXTRAL_KERNELS) for decode",
+        help="fused Metal expert kernels for decode: on, off, or both (one run each)",
     )
     p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (overrides the chip table)")
     p.add_argument("--plot", default=None, help="write a PNG of tok/s against context length")
@@ -58,8 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.decode_tokens < 1 or args.reps < 1:
-        print("mlx-mixtral bench: --decode-tokens and --reps must be >= 1", file=sys.stderr)
-        return 2
+        raise OptionError(f"--decode-tokens and --reps must be >= 1, got {args.decode_tokens} and {args.reps}")
     model = load_model(resolve_model_dir(args.model))
     name = device_name()
     bandwidth = args.bandwidth if args.bandwidth is not None else chip_bandwidth(name)

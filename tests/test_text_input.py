@@ -118,3 +118,31 @@ def test_server_echoes_no_lone_surrogate(body, status):
     r = _post_raw(shared("server"), body)
     assert r.status_code == status, r.text
     r.json()
+
+
+def test_server_decodes_a_body_that_is_not_utf8_by_the_same_rule():
+    server, ref = shared("server"), shared("reference")
+    body = b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}], "max_tokens": 2}'
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    replaced = [{"role": "user", "content": "caf\ufffd \ufffd"}]
+    assert r.json()["usage"]["prompt_tokens"] == len(ref.chat_ids(replaced))
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("NaN", "NaN is not a JSON number"),
+        ("-Infinity", "-Infinity is not a JSON number"),
+        ("1e309", "1e309 is outside the range of a double"),
+        ("1" + "0" * 5000, "an integer of 5001 digits is too long"),
+        ("[" * 5000 + "]" * 5000, "the JSON is nested too deeply"),
+    ],
+    ids=["nan", "-infinity", "overflow", "long-int", "deep"],
+)
+def test_server_refuses_what_json_does_not_allow_and_says_what(value, says):
+    r = _post_raw(shared("server"), '{"messages": [{"role": "user", "content": "hi"}], "temperature": ' + value + "}")
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == f"request body is not valid JSON ({says})"

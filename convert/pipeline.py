@@ -85,7 +85,7 @@ def convert(
     An MLX source without quantize/dequantize is resharded (and cast) with its quantization kept.
     Raises ConvertError (one line) on any problem; nothing is left at `mlx_path` then.
     """
-    dst = Path(mlx_path).expanduser().absolute()
+    dst = Path(os.path.expanduser(mlx_path)).absolute()
     out_dtype = _parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     quantize = quantize or recipe is not None

@@ -26,6 +26,7 @@ from mlx_mixtral.sampling import (
     LogitsProcessor,
     Sampler,
     greedy,
+    make_key,
     make_logits_processors,
     make_sampler,
     top_logprobs,
@@ -214,7 +215,7 @@ def stream_generate(
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
-    key = None if seed is None else mx.random.key(seed)
+    key = make_key(seed)
     cache = model.make_cache() if cache is None else cache
     if all(layer.max_size is None for layer in cache):  # the same rule as ChatSession and the server
         held = cache[0].offset if cache else 0

@@ -62,7 +62,7 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
     The rule: what looks like a path (a Path, or text starting with '.', '/' or '~', or naming
     something that exists) is local, and must be a directory. Otherwise `org/name` is a hub id;
     anything else is neither."""
-    path = Path(path_or_repo).expanduser()
+    path = Path(os.path.expanduser(path_or_repo))  # "~nope" stays as is where Path would raise
     name = str(path_or_repo)
     if path.is_dir():
         return path

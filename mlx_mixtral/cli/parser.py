@@ -9,6 +9,8 @@ every other error, as one line with the command's prefix, and the command exits 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import textwrap
 
 from mlx_mixtral.errors import OptionError
@@ -35,3 +37,30 @@ class CommandParser(argparse.ArgumentParser):
 
 def command_parser(prog: str, description: str) -> CommandParser:
     return CommandParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+
+
+def output_file(text: str) -> str:
+    """argparse type of a file a command writes at its end: one that cannot be written is refused
+    at the start, not after the work. Probed by opening it for appending (a new file is removed
+    again), which asks the filesystem itself: permissions, read-only mounts, /proc."""
+    if not text or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file name" if text else "empty file name")
+    existed = os.path.lexists(text)
+    try:
+        with open(text, "a"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot be written ({e.strerror})") from None
+    if not existed:
+        os.unlink(text)
+    return text
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value

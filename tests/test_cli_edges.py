@@ -250,3 +250,38 @@ def test_chat_save_and_load_of_bad_paths_say_what_is_wrong(memorized, tmp_path):
     assert f"(loaded 2 messages from {tmp_path / 'chat'})" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "chat", "notes.txt"]  # no stray files
     assert list((tmp_path / "adir").iterdir()) == []
+
+
+# --- what the argv harness (test_cli_fuzz.py) found --------------------------------------------------
+FOUND = [
+    (["generate", "--prompt", "hi", "--seed", "-1"], 2, "--seed: seed must be in [0, 2**64), got -1"),
+    (["generate", "--prompt", "hi", "--seed", str(2**64)], 2, "--seed: seed must be in [0, 2**64)"),
+    (["generate", "--prompt", "hi", "--chat-template", "{{ 1/0 }}"], 1, "chat template failed: ZeroDivisionError"),
+    (["chat", "--chat-template", "{{ messages[0].nope.nope }}"], 1, "chat template: 'dict object' has no attribute"),
+    (["chat", "--chat-template", "{{ messages[5] }}"], 1, "the template turns a conversation into no tokens"),
+    (["generate", "--prompt", "hi", "--model", "~no-such-user-here/m"], 1, "~no-such-user-here/m: no such directory"),
+    (["bench", "--bandwidth", "-0.0"], 2, "argument --bandwidth: expected a finite number > 0, got '-0.0'"),
+    (["bench", "--json", "/proc/x"], 2, "argument --json: '/proc/x': cannot be written"),
+    (["bench", "--json", "notes.txt/x"], 2, "argument --json: 'notes.txt/x': cannot be written (Not a directory)"),
+    (["bench", "--plot", "notes.txt"], 2, "argument --plot: 'notes.txt': expected a file name ending in .png"),
+    (["bench", "--prompt-lengths", "600"], 2, "past the model's context of 512 tokens"),
+    (["bench", "--prompt-lengths", "99999999999999"], 2, "past the model's context of 512 tokens"),
+]
+
+
+@pytest.mark.parametrize("argv, status, says", FOUND, ids=[" ".join(a[:1] + a[-2:]) for a, _, _ in FOUND])
+def test_inputs_the_harness_found(argv, status, says, memorized, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hi\n"))
+    command, rest = argv[0], argv[1:]
+    model = [] if "--model" in rest else ["--model", str(memorized)]
+    assert main([command, *model, *rest]) == status
+    err = capsys.readouterr().err
+    assert says in _one_error_line(err, command)
+
+
+def test_a_destination_named_in_other_bytes_converts(tmp_path, memorized):
+    name = b"mod\xe9le".decode("utf-8", "surrogateescape")  # as Python gets a Latin-1 name from argv
+    assert main(["convert", "--hf-path", str(memorized), "--mlx-path", str(tmp_path / name), "--no-progress"]) == 0
+    assert "# mod\ufffdle" in (tmp_path / name / "README.md").read_text()

@@ -102,9 +102,11 @@ def check_chat_template(tokenizer: Any, template: str | None) -> None:
     if template is None:
         return
     try:
-        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, template)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, template)
     except ValueError as e:  # ChatTemplateError, or the template's own refusal
         raise ChatTemplateError(f"--chat-template: {e}") from None
+    if not ids:
+        raise ChatTemplateError("--chat-template: the template turns a conversation into no tokens at all")
 
 
 def report(prog: str, error: MixtralError) -> int:

@@ -125,22 +125,39 @@ BASES = {
 }
 
 
+def _value_at(value, path):
+    for part in path:
+        value = value[part]
+    return value
+
+
 @st.composite
 def odd_requests(draw):
+    """A valid request with one value (or member name) replaced by an odd one of a kind that
+    fits the place: odd strings where strings go, odd numbers where numbers go, odd shapes anywhere."""
     path = draw(st.sampled_from(sorted(BASES)))
     body = dict(BASES[path])
     extra = draw(st.sampled_from(["top_k", "min_p", "repetition_penalty", "logit_bias", "seed", "model", "user", None]))
     if extra == "logit_bias":
         body["logit_bias"] = {"13": 1.0}
+    elif extra in ("model", "user"):
+        body[extra] = "x"
     elif extra is not None:
-        body[extra] = "x"  # a placeholder the mutation usually replaces
-    where = draw(st.sampled_from(list(_paths(body))))
-    odd = draw(st.sampled_from(ODD))
-    key_odd = draw(st.booleans()) and isinstance(odd, str) and odd.startswith('"')
-    raw = _raw_body(body, where, odd)
-    if key_odd:  # an odd string as a member name instead
-        raw = raw.replace(b'"max_tokens"', odd.encode(), 1)
-    return path, raw, draw(st.booleans())
+        body[extra] = 1
+    places = list(_paths(body))
+    kind = draw(st.sampled_from(["string", "number", "shape", "name"]))
+    if kind == "name":  # an odd string as a member name
+        odd = draw(st.sampled_from([o for o in ODD_STRINGS if isinstance(o, str)]))
+        return path, json.dumps(body).encode().replace(b'"max_tokens"', odd.encode(), 1), draw(st.booleans())
+    if kind == "string":
+        places = [p for p in places if isinstance(_value_at(body, p), str)]
+        odd = draw(st.sampled_from(ODD_STRINGS))
+    elif kind == "number":
+        places = [p for p in places if isinstance(_value_at(body, p), int | float)]
+        odd = draw(st.sampled_from(ODD_NUMBERS))
+    else:
+        odd = draw(st.sampled_from(ODD_SHAPES + ODD_STRINGS + ODD_NUMBERS))
+    return path, _raw_body(body, draw(st.sampled_from(places)), odd), draw(st.booleans())
 
 
 def test_odd_text_and_numbers_are_never_a_server_fault():
@@ -159,6 +176,10 @@ def test_odd_text_and_numbers_are_never_a_server_fault():
         assert "Traceback" not in r.text
         if r.headers["content-type"].startswith("application/json"):
             r.json()
+        else:  # a stream: a fault after the 200 shows as an error event
+            events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            faults = [e["error"] for e in events if "error" in e and e["error"]["type"] == "server_error"]
+            assert not faults, (raw[:300], faults)
 
     check()
     assert 200 in seen and 400 in seen  # both valid and refused requests were among them

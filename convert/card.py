@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlx_mixtral.convert.source import Source
 from mlx_mixtral.errors import ConvertError
+from mlx_mixtral.text import argv_text
 from mlx_mixtral.weights import INDEX_NAME
 
 
@@ -45,8 +46,8 @@ def write_model_card(model_dir: Path, source: Source, *, name: str, hub_id: str 
     if source.repo_id:
         origin = f"[{source.repo_id}](https://huggingface.co/{source.repo_id})"
     else:
-        origin = f"`{source.path.name}`"
-    name = hub_id or name
+        origin = f"`{argv_text(source.path.name)}`"
+    name = argv_text(hub_id or name)  # directory names are the OS's bytes; the card is UTF-8 text
     front = ["---", "library_name: mlx", "pipeline_tag: text-generation", f"tags:\n- mlx\n- {family}"]
     if source.repo_id:
         front.append(f"base_model: {source.repo_id}")

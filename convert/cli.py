@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 
+from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.convert.card import describe_quantization, model_stats
 from mlx_mixtral.convert.pipeline import Progress, convert
 from mlx_mixtral.convert.quant import MODES, RECIPES
@@ -17,9 +18,9 @@ from mlx_mixtral.dtypes import FLOAT_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlx-mixtral convert",
-        description="Convert a Hugging Face, Mistral-native or MLX checkpoint (directory or hub id) to MLX "
+    p = command_parser(
+        "mlx-mixtral convert",
+        "Convert a Hugging Face, Mistral-native or MLX checkpoint (directory or hub id) to MLX "
         "format, streaming one layer at a time.",
     )
     p.add_argument("--hf-path", "--model", required=True, help="source directory or hub id (org/name)")

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_mixtral.convert.card import upload, write_model_card
+from mlx_mixtral.convert.destination import check_destination, check_sibling, overlap, source_paths
 from mlx_mixtral.convert.fit import FitChoice, choose_fit
 from mlx_mixtral.convert.quant import DEFAULT_BITS, DEFAULT_GROUP, config_entry, make_plan
 from mlx_mixtral.convert.shards import Entry, ShardWriter, parse_size
@@ -89,18 +90,20 @@ def convert(
     replaces q_bits/recipe); `on_fit(choice)` hears the choice before anything is written.
     Raises ConvertError (one line) on any problem; nothing is left at `mlx_path` then.
     """
-    dst = Path(mlx_path).expanduser().absolute()
+    dst = Path(os.path.expanduser(mlx_path)).absolute()
     out_dtype = _parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     quantize = quantize or recipe is not None
     if quantize and dequantize:
         raise ConvertError("choose either quantize or dequantize, not both")
-    if (dst.exists() or dst.is_symlink()) and not force:
+    if os.path.lexists(dst) and not force:
         raise ConvertError(f"{dst}: destination already exists (pass force=True / --force to replace it)")
 
     source = open_source(hf_path, revision=revision)
-    if _overlaps(source.path, dst):
-        raise ConvertError(f"{dst}: destination overlaps the source {source.path}; choose another directory")
+    protected = source_paths(source.path)
+    check_destination(dst, protected)
+    if os.path.lexists(dst):
+        check_sibling(_aside_path(dst), protected)
     if fit is not None:
         if dequantize or q_mode != "affine":
             raise ConvertError("--fit chooses affine bits or a recipe: it cannot be combined with dequantize or q_mode")
@@ -112,18 +115,27 @@ def convert(
     ctx = make_context(source, plan, out_dtype, requantize=quantize or dequantize)
     entries, decisions = plan_outputs(ctx)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{PARTIAL_TAG}{os.getpid()}-", dir=dst.parent))
+    created = _missing_parents(dst)
+    tmp = None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(dst, protected)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{PARTIAL_TAG}{os.getpid()}-", dir=dst.parent))
         _chmod_like_mkdir(tmp)
         _write_model(ctx, tmp, entries, decisions, max_bytes, progress)
         write_model_card(tmp, source, name=dst.name, hub_id=upload_repo)
         _move_into_place(tmp, dst)
+        tmp = created = None
     except OSError as e:
         raise ConvertError(f"{e.filename or dst}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created or ():  # directories made for a destination that never came
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
     if upload_repo is not None:
         upload(dst, upload_repo)
@@ -137,11 +149,14 @@ def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
         raise ConvertError(str(e)) from None
 
 
-def _overlaps(source: Path, dst: Path) -> bool:
-    """Writing to the source itself or a directory holding it would replace (with force) or
-    shadow what is being read; a new directory inside the source is harmless."""
-    source, dst = source.resolve(), dst.resolve()
-    return source == dst or dst in source.parents
+def _missing_parents(dst: Path) -> list[Path]:
+    """The ancestors of `dst` that do not exist yet, deepest first."""
+    return [p for p in dst.parents if not os.path.lexists(p)]
+
+
+def _aside_path(dst: Path) -> Path:
+    """Where an existing destination is moved while the new one takes its place (force)."""
+    return dst.parent / f".{dst.name}.replaced-{os.getpid()}"
 
 
 def _write_model(
@@ -218,10 +233,15 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
     """Rename the finished directory onto the destination; an old destination (force) is moved
     aside first and deleted only after the new one is in place."""
     old = None
-    if dst.exists() or dst.is_symlink():
-        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
+    if os.path.lexists(dst):
+        old = _aside_path(dst)
         os.rename(dst, old)
-    os.rename(tmp, dst)
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        if old is not None:  # put the old destination back rather than leave nothing there
+            os.rename(old, dst)
+        raise
     if old is not None:
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
@@ -236,12 +256,13 @@ def _chmod_like_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
-def _remove_stale_partials(dst: Path) -> None:
+def _remove_stale_partials(dst: Path, protected: list[Path]) -> None:
     """Delete hidden partial directories of this destination left by killed conversions (their
-    process no longer exists); those of a conversion still running are left alone."""
+    process no longer exists); those of a conversion still running are left alone, and so is
+    anything that is, or holds, the source, whatever its name."""
     for d in dst.parent.glob(f".{dst.name}{PARTIAL_TAG}*"):
         pid = d.name[len(f".{dst.name}{PARTIAL_TAG}") :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)) and overlap(d, protected) is None:
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ Everything here reads only config files and safetensors headers, so a broken fil
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class Source:
 
 def open_source(path_or_repo: str | Path, revision: str | None = None) -> Source:
     """Resolve a local directory or hub id and check its config and every weight header."""
-    local = Path(path_or_repo).expanduser()
+    local = Path(os.path.expanduser(path_or_repo))
     try:
         path = resolve_model_dir(path_or_repo, revision=revision)
         config = read_config(path)

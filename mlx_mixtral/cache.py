@@ -7,6 +7,8 @@ Keys and values arrive after RoPE as (B, Hkv, L, Dh).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -184,7 +186,11 @@ _CACHE_TYPES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}
 
 
 def save_prompt_cache(path: str | Path, cache: list[Cache], metadata: dict[str, str] | None = None) -> None:
-    """Write every layer's keys/values and what rebuilds them into one safetensors file."""
+    """Write every layer's keys/values and what rebuilds them into one safetensors file, named
+    exactly `path` (mx.save_safetensors alone would add ".safetensors" to a name without it). The
+    file is written beside its destination and renamed onto it, so a failed save leaves an older
+    file of that name as it was."""
+    path = Path(path)
     arrays: dict[str, mx.array] = {}
     layers = []
     for i, layer in enumerate(cache):
@@ -194,20 +200,48 @@ def save_prompt_cache(path: str | Path, cache: list[Cache], metadata: dict[str, 
         layers.append({"type": type(layer).__name__, **layer.meta()})
     info = {"mlx_mixtral.cache": json.dumps(layers)}
     info.update({f"user.{k}": str(v) for k, v in (metadata or {}).items()})
-    mx.save_safetensors(str(path), arrays, metadata=info)
-
-
-def load_prompt_cache(path: str | Path) -> tuple[list[Cache], dict[str, str]]:
-    """Read a file written by `save_prompt_cache`: (per-layer caches, user metadata)."""
+    folder = path.parent
+    if path.is_dir():
+        raise CacheFileError(f"{path}: is a directory")
+    if not folder.is_dir():
+        raise CacheFileError(f"{folder}: {'not a directory' if folder.exists() else 'no such directory'}")
+    tmp = None
     try:
-        arrays, info = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx raises bare RuntimeError/ValueError with long messages
-        raise CacheFileError(f"{path}: not a readable safetensors prompt cache ({e})") from None
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            mx.save_safetensors(f, arrays, metadata=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a saved file gets the usual mode
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, RuntimeError) as e:  # the disk, or mlx's writer, failed
+        raise CacheFileError(f"{path}: {getattr(e, 'strerror', None) or ' '.join(str(e).split())}") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+
+
+def load_prompt_cache(path: str | Path, what: str = "prompt cache") -> tuple[list[Cache], dict[str, str]]:
+    """Read a file written by `save_prompt_cache`: (per-layer caches, user metadata). `what` names
+    the kind of file in error messages ("saved chat" for a chat session)."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise CacheFileError(f"{path}: is a directory, not a {what}")
+    try:
+        arrays, info = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception:  # mlx raises bare RuntimeError/ValueError with long messages
+        raise CacheFileError(f"{path}: not a {what} (not a safetensors file)") from None
     if "mlx_mixtral.cache" not in info:
-        raise CacheFileError(f"{path}: not an mlx-mixtral prompt cache (no 'mlx_mixtral.cache' metadata)")
+        raise CacheFileError(f"{path}: not a {what} (no 'mlx_mixtral.cache' metadata)")
     caches: list[Cache] = []
-    for i, meta in enumerate(json.loads(info["mlx_mixtral.cache"])):
-        cls = _CACHE_TYPES[meta.pop("type")]
-        caches.append(cls.from_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], meta))
+    try:
+        for i, meta in enumerate(json.loads(info["mlx_mixtral.cache"])):
+            cls = _CACHE_TYPES[meta.pop("type")]
+            caches.append(cls.from_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], meta))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        raise CacheFileError(f"{path}: not a {what} (its layer metadata does not describe its tensors)") from None
     user = {k[len("user.") :]: v for k, v in info.items() if k.startswith("user.")}
     return caches, user

@@ -26,6 +26,7 @@ from mlx_mixtral.errors import CacheFileError
 from mlx_mixtral.generate import GenerationResponse, stream_generate
 from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS, fit_to_context
+from mlx_mixtral.text import clean_json
 from mlx_mixtral.tokenizer.core import Tokenizer
 
 SESSION_FORMAT = "mlx-mixtral-chat/1"
@@ -185,11 +186,19 @@ class ChatSession:
     @classmethod
     def load(cls, path: str | Path, model: LanguageModel, tokenizer: Tokenizer, **kwargs: Any) -> ChatSession:
         """A session saved by `save`, continuing exactly where it stopped, on the same model."""
-        cache, meta = load_prompt_cache(path)
+        cache, meta = load_prompt_cache(path, what="saved chat")
         if meta.get("format") != SESSION_FORMAT:
             raise CacheFileError(
                 f"{path}: not a saved chat session (format {meta.get('format')!r}, expected {SESSION_FORMAT!r})"
             )
+        try:  # text read from a file follows the one text rule (mlx_mixtral.text)
+            saved = {
+                key: clean_json(json.loads(meta[key])) for key in ("system", "messages", "token_ids", "max_kv_size")
+            }
+        except (KeyError, ValueError):
+            raise CacheFileError(
+                f"{path}: saved chat without readable system, messages, token_ids and max_kv_size"
+            ) from None
         args = model.args
         keys = cache[0].state[0] if cache else None
         if (
@@ -202,9 +211,9 @@ class ChatSession:
                 f"{path}: saved for another model ({got}; this model has {args.num_hidden_layers} "
                 f"layers of {args.num_key_value_heads}x{args.head_dim})"
             )
-        kwargs.setdefault("system", json.loads(meta["system"]))
-        kwargs.setdefault("max_kv_size", json.loads(meta["max_kv_size"]))
+        kwargs.setdefault("system", saved["system"])
+        kwargs.setdefault("max_kv_size", saved["max_kv_size"])
         session = cls(model, tokenizer, **kwargs)
-        session.messages = json.loads(meta["messages"])
-        session.cache, session.cached_ids = cache, json.loads(meta["token_ids"])
+        session.messages = saved["messages"]
+        session.cache, session.cached_ids = cache, saved["token_ids"]
         return session

@@ -22,11 +22,12 @@ from mlx_mixtral.cache import Cache
 from mlx_mixtral.errors import OptionError
 from mlx_mixtral.grammar import check_structured, make_constraint
 from mlx_mixtral.language_model import LanguageModel
-from mlx_mixtral.options import DEFAULT_MAX_TOKENS
+from mlx_mixtral.options import DEFAULT_MAX_TOKENS, fit_to_context
 from mlx_mixtral.sampling import (
     LogitsProcessor,
     Sampler,
     greedy,
+    make_key,
     make_logits_processors,
     make_sampler,
     top_logprobs,
@@ -208,9 +209,12 @@ def stream_generate(
     prompt, False for token ids (chat templates produce ids).
 
     Stops at any of `tokenizer.eos_token_ids`, at a `stop` string (never emitted, even when
-    split across tokens) or after `max_tokens`. `logprobs=n` adds each token's log-probability
-    and the n most likely alternatives. `sampler`/`logits_processors` replace the ones the
-    keyword options would build.
+    split across tokens), after `max_tokens`, or where the model's context
+    (`max_position_embeddings`) ends when the cache keeps every token (finish_reason "length";
+    a prompt that leaves no room is a ContextLimitError); a sliding-window cache
+    (`model.make_cache(max_kv_size=N)`) never runs out of room. `logprobs=n` adds each token's
+    log-probability and the n most likely alternatives. `sampler`/`logits_processors` replace
+    the ones the keyword options would build.
 
     Structured output by constrained decoding (grammar.py): `json_schema` holds the answer to one
     JSON value of that schema; `tools` (OpenAI definitions, for a prompt that lists them, see
@@ -236,7 +240,16 @@ def stream_generate(
     calls = None
     if structured["tool_choice"] != "none":
         calls = ToolCallStream(tool_format, tool_token=tokenizer.tool_calls_id)
-    key = None if seed is None else mx.random.key(seed)
+    key = make_key(seed)
+    cache = model.make_cache() if cache is None else cache
+    if all(layer.max_size is None for layer in cache):  # the same rule as ChatSession and the server
+        held = cache[0].offset if cache else 0
+        max_tokens = fit_to_context(
+            held + len(ids),
+            max_tokens,
+            model.args.max_position_embeddings,
+            hint="shorten the prompt, or pass cache=model.make_cache(max_kv_size=N) for a sliding window",
+        )
     matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop or []))
     eos = frozenset(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer(continuation=isinstance(prompt, str) if continuation is None else continuation)

@@ -103,12 +103,34 @@ def load_planned_model(
 
 def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local directory as is; otherwise download (or find in the hub cache) only the files a
-    model needs. Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE through huggingface-hub."""
-    path = Path(path_or_repo).expanduser()
+    model needs. Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE through huggingface-hub
+    (see `local_or_hub` for which it is)."""
+    where = local_or_hub(path_or_repo)
+    if isinstance(where, Path):
+        return where
+    try:
+        return _resolve_hub_id(where, revision)
+    except LoadError as e:  # the user may have meant a directory of that name
+        raise LoadError(f"{e}; there is no local directory {where!r} either") from None
+
+
+def local_or_hub(path_or_repo: str | Path) -> Path | str:
+    """The one rule for local vs hub: what looks like a path (a Path, or text starting with '.',
+    '/' or '~', or naming something that exists) is local, and must be a directory (returned as a
+    Path); otherwise an `org/name` is a hub id (returned as text); anything else is neither."""
+    path = Path(os.path.expanduser(path_or_repo))  # "~nope" stays as is where Path would raise
+    name = str(path_or_repo)
     if path.is_dir():
         return path
-    repo = str(path_or_repo)
-    check_hub_id(repo)
+    if isinstance(path_or_repo, Path) or name.startswith((".", "/", "~")) or os.path.lexists(path):
+        what = "not a directory" if os.path.lexists(path) else "no such directory"
+        raise LoadError(f"{name}: {what}")
+    if not re.fullmatch(r"[\w\-][\w.\-]*/[\w\-][\w.\-]*", name):
+        raise LoadError(f"{name}: no such directory, and not a hub id of the form 'org/name'")
+    return name
+
+
+def _resolve_hub_id(repo: str, revision: str | None) -> Path:
     meta_dir = _snapshot(repo, revision, _HUB_METADATA)
     index = meta_dir / INDEX_NAME
     if index.is_file():
@@ -125,23 +147,19 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
 
 def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
         raise hub_error(repo, revision, e) from None
-
-
-def check_hub_id(repo: str) -> None:
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-        raise LoadError(f"{repo}: no such directory, and not a hub id of the form 'org/name'")
 
 
 def hub_error(repo: str, revision: str | None, error: Exception) -> LoadError:
     """The one-line LoadError for a failed hub request (huggingface_hub's error types)."""
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -155,14 +173,15 @@ def hub_error(repo: str, revision: str | None, error: Exception) -> LoadError:
         return LoadError(f"{repo}: no such repository on the hub (or it is private)")
     if isinstance(error, RevisionNotFoundError):
         return LoadError(f"{repo}: revision {revision!r} not found")
+    if isinstance(error, HFValidationError):  # the hub's own rules for names (no '--', no '.' at either end, ...)
+        return LoadError(f"{repo}: not a valid hub id")
     if isinstance(error, LocalEntryNotFoundError):
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         return LoadError(
             f"{repo}: not in the local hub cache and {why}; download it once online or pass a local directory"
         )
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return LoadError(f"{repo}: the hub request failed ({first})")
+    return LoadError(f"{repo}: the hub answered {' '.join(str(error).split())[:200]}")
 
 
 def load_model(

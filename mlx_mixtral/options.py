@@ -13,7 +13,7 @@ from typing import Any
 
 from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.grammar import check_structured
-from mlx_mixtral.sampling import make_logits_processors, make_sampler
+from mlx_mixtral.sampling import make_key, make_logits_processors, make_sampler
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -44,6 +44,7 @@ def generation_options(
     if logprobs < 0:
         raise OptionError(f"logprobs must be >= 0, got {logprobs}", option="logprobs")
     make_sampler(temperature, top_p, top_k, min_p)
+    make_key(seed)
     make_logits_processors(repetition_penalty, repetition_context_size, dict(logit_bias or {}))
     return dict(
         max_tokens=max_tokens,

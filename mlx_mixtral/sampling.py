@@ -90,6 +90,16 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
     return sample
 
 
+def make_key(seed: int | None) -> mx.array | None:
+    """The PRNG key of a seed (None: none, a fresh random key is drawn later). MLX seeds are
+    unsigned 64-bit integers."""
+    if seed is None:
+        return None
+    if not 0 <= seed < 2**64:
+        raise OptionError(f"seed must be in [0, 2**64), got {seed}", option="seed")
+    return mx.random.key(seed)
+
+
 def make_repetition_penalty(penalty: float, context_size: int | None = 20) -> LogitsProcessor:
     """CTRL's repetition penalty (Keskar et al. 2019) as transformers applies it: each token
     that occurred in the last `context_size` tokens (None: all of them) has its logit divided

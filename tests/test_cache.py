@@ -99,8 +99,8 @@ def test_saved_prompt_cache_continues_identically(tmp_path, request, model_name,
 def test_load_prompt_cache_rejects_other_files(tmp_path):
     path = tmp_path / "other.safetensors"
     mx.save_safetensors(str(path), {"x": mx.zeros(2)})
-    with pytest.raises(ValueError, match="not an mlx-mixtral prompt cache"):
+    with pytest.raises(ValueError, match="not a prompt cache \\(no 'mlx_mixtral.cache' metadata\\)"):
         load_prompt_cache(path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02")
-    with pytest.raises(ValueError, match="junk.safetensors: not a readable safetensors prompt cache"):
+    with pytest.raises(ValueError, match="junk.safetensors: not a prompt cache \\(not a safetensors file\\)"):
         load_prompt_cache(tmp_path / "junk.safetensors")

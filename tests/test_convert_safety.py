@@ -202,12 +202,12 @@ def test_existing_destination_needs_force(tmp_path, hf_dir):
     convert(hf_dir, dst, force=True, quantize=True)
     assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
     assert leftovers(tmp_path, ".out.") == []
-    with pytest.raises(ConvertError, match="overlaps the source"):
+    with pytest.raises(ConvertError, match="the destination is the source"):
         convert(dst, dst, force=True)
-    with pytest.raises(ConvertError, match="overlaps the source"):
+    with pytest.raises(ConvertError, match="the destination holds the source"):
         convert(dst, tmp_path, force=True)
     assert (dst / "config.json").is_file()
-    assert (convert(dst, dst / "resharded") / "config.json").is_file()
+    assert (convert(dst, tmp_path / "resharded") / "config.json").is_file()
 
 
 def test_hub_id_resolves_through_the_hub_cache(tmp_path, hf_dir, monkeypatch):

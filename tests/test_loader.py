@@ -269,5 +269,7 @@ def test_hub_id_offline_from_cache(tmp_path, monkeypatch, hf_dir):
 
 
 def test_not_a_dir_nor_repo_id():
-    with pytest.raises(LoadError, match="no such directory, and not a hub id"):
+    with pytest.raises(LoadError, match="^/no/such/dir/at/all: no such directory$"):
         loader_mod.resolve_model_dir("/no/such/dir/at/all")
+    with pytest.raises(LoadError, match="no such directory, and not a hub id"):
+        loader_mod.resolve_model_dir("a/b/c")

@@ -242,3 +242,37 @@ def test_new_chat_during_an_answer_leaves_it_behind(page):
     fresh = [{"role": "user", "content": "A fresh start"}]
     assert page.answer() == ref.greedy(ref.chat_ids(fresh), 16)[1]
     assert page.usage()[0] == len(ref.chat_ids(fresh))
+
+
+VISIBLE = """(() => {
+  const el = document.querySelector(%r);
+  const r = el.getBoundingClientRect();
+  const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  return r.top >= 0 && r.bottom <= window.innerHeight && (hit === el || el.contains(hit));
+})()"""
+
+
+def test_header_and_composer_stay_in_view_after_a_long_answer(page):
+    """The conversation scrolls; New chat, Settings and the message box do not scroll away with it."""
+    page.send(
+        "Emulation.setDeviceMetricsOverride", {"width": 700, "height": 420, "deviceScaleFactor": 1, "mobile": False}
+    )
+    try:
+        page.eval(
+            "document.getElementById('new-chat').click(); document.getElementById('max-tokens').value = '300'; true"
+        )
+        page.type_and_send("Tell me a long story")
+        page.answer()
+        # The answer is taller than the window: something had to scroll.
+        assert page.eval("document.getElementById('messages').scrollHeight > window.innerHeight")
+        for selector in ("#new-chat", "#settings > summary", "#input", "#send"):
+            assert page.eval(VISIBLE % selector), f"{selector} scrolled out of view"
+        # The conversation scrolls inside its own pane, which follows the answer to its end.
+        assert page.eval(
+            "(() => { const m = document.getElementById('messages').getBoundingClientRect();"
+            " const a = [...document.querySelectorAll('.message.assistant')].pop().getBoundingClientRect();"
+            " return a.bottom > m.top && a.bottom <= m.bottom + 1; })()"
+        )
+    finally:
+        page.send("Emulation.clearDeviceMetricsOverride")
+        page.eval("document.getElementById('max-tokens').value = '16'; true")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import mlx.core as mx
@@ -20,22 +21,32 @@ import mlx.core as mx
 from mlx_mixtral.bench import accounting
 from mlx_mixtral.bench.timing import chip_bandwidth, device_name, fused_vs_builtin, measure_ours, plot, roofline
 from mlx_mixtral.cli.options import add_memory_args, memory_options
+from mlx_mixtral.cli.parser import command_parser, output_file, positive_float
+from mlx_mixtral.errors import OptionError
 from mlx_mixtral.loader import load_planned_model
 from mlx_mixtral.metal.probe import probe_line
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
 def _parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-lengths {text!r}: expected comma-separated integers") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
     if not lengths or min(lengths) < 1:
-        raise argparse.ArgumentTypeError(f"--prompt-lengths {text!r}: lengths must be >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be >= 1")
     return lengths
 
 
+def _plot_file(text: str) -> str:
+    if os.path.splitext(text)[1].lower() not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a file name ending in {', '.join(PLOT_FORMATS)}")
+    return output_file(text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-mixtral bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = command_parser("mlx-mixtral bench", __doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True, help="MLX model directory or hub id")
     p.add_argument(
         "--prompt-lengths",
@@ -49,11 +60,18 @@ def _parser() -> argparse.ArgumentParser:
         "--kernels",
         choices=["on", "off", "both"],
         default="on",
-        help="fused Metal expert kernels (MLX_MIXTRAL_KERNELS) for decode",
+        help="fused Metal expert kernels for decode: on, off, or both (one run each)",
     )
-    p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (overrides the chip table)")
-    p.add_argument("--plot", default=None, help="write a PNG of tok/s against context length")
-    p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument(
+        "--bandwidth", type=positive_float, default=None, help="memory bandwidth in GB/s (overrides the chip table)"
+    )
+    p.add_argument(
+        "--plot",
+        type=_plot_file,
+        default=None,
+        help="write a plot of tok/s against context length (.png, .pdf or .svg)",
+    )
+    p.add_argument("--json", type=output_file, default=None, help="write the results as JSON")
     add_memory_args(p)
     return p
 
@@ -61,10 +79,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.decode_tokens < 1 or args.reps < 1:
-        print("mlx-mixtral bench: --decode-tokens and --reps must be >= 1", file=sys.stderr)
-        return 2
+        raise OptionError(f"--decode-tokens and --reps must be >= 1, got {args.decode_tokens} and {args.reps}")
     # The bench switches the kernels itself (--kernels on/off/both), so it loads with the built-in ops.
     model = load_planned_model(args.model, **{**memory_options(args), "kernels": "builtin"})
+    context = model.args.max_position_embeddings
+    longest = max(args.prompt_lengths) + args.decode_tokens
+    if context is not None and longest > context:
+        raise OptionError(
+            f"--prompt-lengths {max(args.prompt_lengths)} + --decode-tokens {args.decode_tokens} tokens go past "
+            f"the model's context of {context} tokens"
+        )
     name = device_name()
     bandwidth = args.bandwidth if args.bandwidth is not None else chip_bandwidth(name)
     source = "--bandwidth" if args.bandwidth is not None else ("chip table" if bandwidth else None)

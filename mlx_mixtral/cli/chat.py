@@ -16,7 +16,15 @@ import time
 from typing import Any
 
 from mlx_mixtral.chat import ChatSession
-from mlx_mixtral.cli.options import add_sampling_args, format_stats, load_for_cli, one_line, options_from_args
+from mlx_mixtral.cli.options import (
+    add_sampling_args,
+    check_chat_template,
+    format_stats,
+    load_for_cli,
+    one_line,
+    options_from_args,
+)
+from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.errors import DistributedError, MixtralError, OptionError
 from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.tokenizer.core import Tokenizer
@@ -32,7 +40,7 @@ Ctrl-C stops the current answer."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-mixtral chat", description=__doc__.splitlines()[0])
+    p = command_parser("mlx-mixtral chat", __doc__.splitlines()[0])
     add_sampling_args(p, max_tokens=1024)
     p.add_argument(
         "--max-kv-size",
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
+        check_chat_template(tokenizer, args.chat_template)
         return Repl(args, model, tokenizer, dm, options).run()
     finally:
         if dm is not None:

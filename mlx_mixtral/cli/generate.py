@@ -10,17 +10,25 @@ import argparse
 import sys
 from typing import Any
 
-from mlx_mixtral.cli.options import add_sampling_args, format_stats, load_for_cli, options_from_args
+from mlx_mixtral.cli.options import (
+    add_sampling_args,
+    check_chat_template,
+    format_stats,
+    load_for_cli,
+    options_from_args,
+)
+from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.generate import stream_generate
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS
+from mlx_mixtral.text import argv_text
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-mixtral generate", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
+    p = command_parser("mlx-mixtral generate", __doc__.splitlines()[0])
+    p.add_argument("--prompt", required=True, type=argv_text, help="the prompt text ('-' reads it from stdin)")
     add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+    p.add_argument("--quiet", action="store_true", help="no memory plan or statistics on stderr")
     return p
 
 
@@ -32,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if dm is not None and not dm.is_leader:
         return dm.follow()
     try:
-        if args.chat or args.system is not None:
+        check_chat_template(tokenizer, args.chat_template)
+        if args.chat or args.system is not None or args.chat_template is not None:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt: Any = tokenizer.apply_chat_template(
                 messages + [{"role": "user", "content": prompt_text}], template=args.chat_template
@@ -55,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             dm.close()
     if sys.stdout.isatty():
         sys.stdout.write("\n")
+    limit = options["max_tokens"]
+    if last is not None and last.finish_reason == "length" and (limit is None or last.generation_tokens < limit):
+        context = model.args.max_position_embeddings
+        print(f"(the answer stopped where the model's context of {context} tokens ends)", file=sys.stderr)
     if last is not None and not args.quiet:
         print(format_stats(last, model), file=sys.stderr)
     return 0

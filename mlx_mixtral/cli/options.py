@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mlx_mixtral.errors import MixtralError, OptionError
+from mlx_mixtral.errors import ChatTemplateError, MixtralError, OptionError
 from mlx_mixtral.experts import KERNEL_CHOICES, KERNELS_ENV
 from mlx_mixtral.loader import load
 from mlx_mixtral.options import generation_options
+from mlx_mixtral.text import argv_text
 
 DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 
@@ -21,7 +22,9 @@ DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     """Options shared by `generate` and `chat`."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="MLX or Hugging Face model directory, or a hub id")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    p.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help="most tokens to generate (fewer where the context ends)"
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
@@ -31,15 +34,18 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument(
         "--stop",
         action="append",
+        type=argv_text,
         default=None,
         metavar="TEXT",
         help="stop when this text appears (not printed); repeat for several",
     )
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", type=argv_text, default=None, help="system prompt")
     p.add_argument(
         "--chat-template",
+        type=argv_text,
         default=None,
-        help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer)",
+        help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer); "
+        "generate then formats the prompt as a chat",
     )
     p.add_argument(
         "--distributed",
@@ -118,8 +124,20 @@ def memory_options(args: argparse.Namespace) -> dict[str, Any]:
         max_memory=args.max_memory,
         max_kv_size=getattr(args, "max_kv_size", None),
         expert_cache=args.expert_cache,
-        on_plan=lambda plan: print(plan.line(), file=sys.stderr, flush=True),
+        on_plan=None if getattr(args, "quiet", False) else lambda plan: print(plan.line(), file=sys.stderr, flush=True),
     )
+
+
+def check_chat_template(tokenizer: Any, template: str | None) -> None:
+    """A --chat-template that cannot format a conversation fails at start, not at the first prompt."""
+    if template is None:
+        return
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, template)
+    except ValueError as e:  # ChatTemplateError, or the template's own refusal
+        raise ChatTemplateError(f"--chat-template: {e}") from None
+    if not ids:
+        raise ChatTemplateError("--chat-template: the template turns a conversation into no tokens at all")
 
 
 def report(prog: str, error: MixtralError) -> int:

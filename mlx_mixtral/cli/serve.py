@@ -21,13 +21,22 @@ from typing import Any
 
 import uvicorn
 
-from mlx_mixtral.cli.options import add_kernels_arg, add_memory_args, memory_options, one_line, report
+from mlx_mixtral.cli.options import (
+    add_kernels_arg,
+    add_memory_args,
+    check_chat_template,
+    memory_options,
+    one_line,
+    report,
+)
+from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.distributed.model import DistributedModel
-from mlx_mixtral.errors import ChatTemplateError, MixtralError
+from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.loader import load
 from mlx_mixtral.server.app import Settings, create_app
 from mlx_mixtral.server.guard import LOOPBACK_HOSTS
 from mlx_mixtral.server.worker import DistributedEngine, Engine, Follower, LocalEngine, Worker
+from mlx_mixtral.text import argv_text
 
 PROG = "mlx-mixtral serve"
 API_KEY_ENV = "MLX_MIXTRAL_API_KEY"
@@ -41,17 +50,14 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="mlx-mixtral serve",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command_parser(PROG, __doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the model")
     p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV),
+        type=argv_text,
+        default=None,
         help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}, else none)",
     )
     p.add_argument(
@@ -61,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="ORIGIN",
         help="allow browser pages from this origin (repeatable; '*' for any); CORS is off otherwise",
     )
-    p.add_argument("--served-model-name", help="the model id clients see (default: --model as given)")
+    p.add_argument("--served-model-name", type=argv_text, help="the model id clients see (default: --model as given)")
     p.add_argument("--max-tokens-cap", type=_positive, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=_positive, default=1_000_000, help="largest request body")
     p.add_argument("--max-messages", type=_positive, default=256, help="most messages in one chat request")
@@ -76,10 +82,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--chat-template",
+        type=argv_text,
         default=None,
         help="mistral-v1, mistral-v3, jinja or Jinja source (default: chosen from the tokenizer)",
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="how much the HTTP server logs to stderr",
+    )
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -88,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_kernels_arg(p)
     add_memory_args(p)
     args = p.parse_args(argv)
+    if args.api_key is None and os.environ.get(API_KEY_ENV):  # not a parser default: --help would show it
+        args.api_key = argv_text(os.environ[API_KEY_ENV])
     if args.prompt_cache_size < 0:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
     if not 0 <= args.port <= 65535:
@@ -163,17 +177,17 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to act on
         return worker.wait()
     try:  # a bad --chat-template fails here, not in every request
-        worker.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, args.chat_template)
-    except MixtralError as e:
+        check_chat_template(worker.tokenizer, args.chat_template)
+    except MixtralError:
         worker.stop()
-        raise ChatTemplateError(f"--chat-template: {e}") from None
+        raise
     if sock is None:  # --distributed: rank 0 binds only now
         sock = _listen(args.host, args.port)
         if sock is None:
             worker.stop()
             return 1
     settings = Settings(
-        model_id=args.served_model_name or args.model,
+        model_id=args.served_model_name or argv_text(args.model),
         api_key=args.api_key,
         cors_origins=args.cors_origin,
         max_tokens_cap=args.max_tokens_cap,

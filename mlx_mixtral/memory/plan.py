@@ -161,23 +161,24 @@ def plan(
 
 def read_shapes(path_or_repo: str | Path, revision: str | None = None) -> tuple[dict, TensorShapes]:
     """(config dict, tensor shapes) of a local directory, else of a hub repository by metadata only."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
+    from mlx_mixtral.loader import local_or_hub
+
+    path = local_or_hub(path_or_repo)
+    if isinstance(path, Path):
         try:
             headers = read_headers(find_weight_files(path))
             return read_config(path), {n: (t.dtype, t.shape) for n, t in headers.items()}
         except (ConfigError, WeightsError) as e:
             raise LoadError(str(e)) from None
-    return _hub_shapes(str(path_or_repo), revision)
+    return _hub_shapes(path, revision)
 
 
 def _hub_shapes(repo: str, revision: str | None) -> tuple[dict, TensorShapes]:
     from huggingface_hub import get_safetensors_metadata, hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from mlx_mixtral.loader import check_hub_id, hub_error
+    from mlx_mixtral.loader import hub_error
 
-    check_hub_id(repo)
     try:  # a model already in the hub cache is read from there (also offline)
         cached = Path(snapshot_download(repo, revision=revision, local_files_only=True))
         return read_shapes(cached)
@@ -187,7 +188,7 @@ def _hub_shapes(repo: str, revision: str | None) -> tuple[dict, TensorShapes]:
         config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
         meta = get_safetensors_metadata(repo, revision=revision)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        raise hub_error(repo, revision, e) from None
+        raise LoadError(f"{hub_error(repo, revision, e)}; there is no local directory {repo!r} either") from None
     tensors = {
         name: (info.dtype, tuple(info.shape))
         for file in meta.files_metadata.values()

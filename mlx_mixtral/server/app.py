@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_mixtral.generate import GenerationResponse, prompt_ids
 from mlx_mixtral.sampling import validate_token_ids
+from mlx_mixtral.server.body import JSONBodyRoute
 from mlx_mixtral.server.guard import LOOPBACK_HOSTS, Guard, error_response
 from mlx_mixtral.server.protocol import APIError, ChatAnswer, CompletionAnswer, Limits, request_options, sse
 from mlx_mixtral.server.schema import (
@@ -168,6 +169,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         description="OpenAI-compatible API for one local model.",
         responses=errors,
     )
+    app.router.route_class = JSONBodyRoute  # bodies parsed by the text rule and the JSON grammar
     app.state.worker = worker
     app.add_middleware(Guard, settings=settings)
     if settings.cors_origins:

@@ -297,6 +297,9 @@ def render_jinja(
         )
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError("chat template: " + " ".join(str(e).split())) from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        # A template is a program: what its own code raises ({{ 1/0 }}, a missing key) is its fault.
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if final is not None:
         tag = _CONTINUE_TAG.strip()
         if final.strip() not in text or tag not in text:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlx_mixtral.errors import ChatTemplateError
+from mlx_mixtral.text import clean
 from mlx_mixtral.tokenizer.backends import SentencePieceBackend, TokenizersBackend
 from mlx_mixtral.tokenizer.chat_template import JINJA, MISTRAL_V1, MISTRAL_V3, encode_mistral, render_jinja
 from mlx_mixtral.tokenizer.detokenizer import PieceDetokenizer, StreamingDetokenizer, WindowDetokenizer
@@ -76,11 +77,12 @@ class Tokenizer:
         """Token ids of `text`. add_special_tokens=True adds what Hugging Face adds with the same
         option: BOS in front for Mistral/Mixtral, and EOS at the end if the tokenizer config asks for
         it. `bos` is this option's older name, still accepted. Added and special tokens written in
-        the text (e.g. "</s>", "<|im_start|>") become their ids."""
+        the text (e.g. "</s>", "<|im_start|>") become their ids. A lone surrogate, which no UTF-8
+        text holds, is encoded as U+FFFD (mlx_mixtral.text)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         special = add_special_tokens if bos is None else bos
-        ids = self._backend.encode(text)
+        ids = self._backend.encode(clean(text))
         return [*self._prefix, *ids, *self._suffix] if special else ids
 
     def encode_fragment(self, text: str) -> list[int]:
@@ -257,7 +259,7 @@ class Tokenizer:
         return encode_mistral(
             messages,
             version=version,
-            encode=self._backend.encode_raw,
+            encode=lambda part: self._backend.encode_raw(clean(part)),
             bos_id=self.bos_token_id,
             eos_id=self.eos_token_id,
             control_ids=self._control_ids,

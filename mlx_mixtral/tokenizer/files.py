@@ -14,6 +14,7 @@ Files read (all optional except one of the first two):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def _chat_templates(model_dir: Path, config: dict) -> dict[str, str]:
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The tokenizer of a model directory (see the module docstring for the files it reads)."""
-    model_dir = Path(model_dir).expanduser()
+    model_dir = Path(os.path.expanduser(model_dir))
     if not model_dir.is_dir():
         raise TokenizerError(f"{model_dir}: not a directory")
     config = _read_json(model_dir / "tokenizer_config.json")

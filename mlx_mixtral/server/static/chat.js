@@ -127,6 +127,8 @@ async function send(text) {
     if (answered) history.push({ role: "assistant", content: answered });
     state.controller = null;
     setBusy(false);
+    // The buttons and the status line change height at the end: keep the answer's end in view.
+    if (answer.isConnected) answer.scrollIntoView({ block: "end" });
   }
 }
 

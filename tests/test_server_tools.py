@@ -13,22 +13,9 @@ import jsonschema
 import pytest
 from helpers.server_harness import LiveServer, shared
 from helpers.tiny_models import add_tokenizer, make_hf_checkpoint
+from helpers.tools import TIME, WEATHER
 from openai import BadRequestError, OpenAI
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "now", "description": "The time", "parameters": {}}}
 _servers: dict[str, LiveServer] = {}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers.server_harness import make_chat_model
 from helpers.tiny_models import add_tokenizer, make_hf_checkpoint
+from helpers.tools import TIME, WEATHER
 
 from mlx_mixtral import load, stream_generate
 from mlx_mixtral.errors import SchemaError
@@ -92,20 +93,6 @@ SCHEMAS = {
     },
 }
 SEEDS = range(12)
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "now", "parameters": {}}}
 
 
 @cache

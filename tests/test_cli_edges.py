@@ -93,6 +93,15 @@ def test_unknown_command_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("mlx-mixtral: error: unknown command 'genrate'")
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("flag", ["--max-memory", "--expert-cache"])
+def test_memory_flags_with_distributed_are_refused_not_ignored(command, flag, capsys):
+    argv = [command, "--model", "no-such-dir-here", "--distributed", flag, "30%" if flag == "--expert-cache" else "8GB"]
+    assert main(argv + (["--prompt", "x"] if command == "generate" else [])) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert flag in line and "--distributed" in line
+
+
 def _parser_of(command, monkeypatch, capsys) -> CommandParser:
     seen = []
     real = CommandParser.parse_known_args

@@ -111,10 +111,23 @@ def load_for_cli(args: argparse.Namespace):
     if args.distributed:
         from mlx_mixtral.distributed.model import DistributedModel
 
+        refuse_offload_when_distributed(args)
         dm = DistributedModel.start(args.model, kernels=args.kernels)
         return dm.model, dm.tokenizer, dm
     model, tokenizer = load(args.model, **memory_options(args))
     return model, tokenizer, None
+
+
+def refuse_offload_when_distributed(args: argparse.Namespace) -> None:
+    """Each rank of --distributed holds its own share of the weights in memory; there is no offloading
+    there yet, so the memory flags would be ignored: say so instead."""
+    for flag in ("--max-memory", "--expert-cache"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise OptionError(
+                f"{flag}: expert offloading does not work with --distributed (each rank keeps its shard "
+                f"in memory); leave out {flag}, or run on one machine",
+                flag,
+            )
 
 
 def memory_options(args: argparse.Namespace) -> dict[str, Any]:

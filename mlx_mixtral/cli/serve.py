@@ -27,6 +27,7 @@ from mlx_mixtral.cli.options import (
     check_chat_template,
     memory_options,
     one_line,
+    refuse_offload_when_distributed,
     report,
 )
 from mlx_mixtral.cli.parser import command_parser
@@ -146,6 +147,8 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.distributed:
+        refuse_offload_when_distributed(args)
     sock = None
     if not args.distributed:  # a taken port fails before minutes of loading (ranks bind once loaded)
         sock = _listen(args.host, args.port)

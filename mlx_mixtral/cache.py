@@ -47,48 +47,132 @@ class Cache(Protocol):
         ...
 
 
-def _grow(buffer: mx.array | None, used: int, extra: int, like: mx.array, cap: int | None) -> mx.array:
+# Stored keys (or values) are one array, or with a quantized cache the (packed, scales, biases)
+# triple of mx.quantize; every part has the time axis at 2, so the helpers below treat both alike.
+Stored = mx.array | tuple[mx.array, ...]
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def _map(fn, *parts: Stored) -> Stored:
+    if isinstance(parts[0], tuple):
+        return tuple(fn(*p) for p in zip(*parts))
+    return fn(*parts)
+
+
+def _length(stored: Stored) -> int:
+    return (stored[0] if isinstance(stored, tuple) else stored).shape[2]
+
+
+def _cut(stored: Stored, start: int, end: int) -> Stored:
+    return _map(lambda a: a[..., start:end, :], stored)
+
+
+def _join(*stored: Stored) -> Stored:
+    return _map(lambda *a: mx.concatenate(a, axis=2), *stored)
+
+
+def _grow(buffer: Stored | None, used: int, extra: int, like: Stored, cap: int | None) -> Stored:
     """A buffer with room for `extra` more positions after `used`, allocated in GROW_STEP blocks."""
-    B, H, _, D = like.shape
     size = -(-(used + extra) // GROW_STEP) * GROW_STEP
     if cap is not None:
         size = min(size, cap)
-    fresh = mx.zeros((B, H, size - used, D), like.dtype)
-    return fresh if buffer is None or used == 0 else mx.concatenate([buffer[..., :used, :], fresh], axis=2)
+
+    def grow(old: mx.array | None, new: mx.array) -> mx.array:
+        B, H, _, D = new.shape
+        fresh = mx.zeros((B, H, size - used, D), new.dtype)
+        return fresh if old is None or used == 0 else mx.concatenate([old[..., :used, :], fresh], axis=2)
+
+    if buffer is None:
+        return _map(lambda n: grow(None, n), like)
+    return _map(grow, buffer, like)
 
 
-class KVCache:
-    """Unbounded cache: keeps every position."""
+def _write(buffer: Stored, start: int, new: Stored) -> None:
+    end = start + _length(new)
+    parts = zip(buffer, new) if isinstance(buffer, tuple) else [(buffer, new)]
+    for b, n in parts:
+        b[..., start:end, :] = n
+
+
+def check_kv_quantization(bits: int | None, group_size: int, head_dim: int | None = None) -> None:
+    if bits is None:
+        return
+    if bits not in KV_BITS:
+        raise OptionError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (or None), got {bits}", "kv_bits")
+    if group_size not in KV_GROUP_SIZES:
+        raise OptionError(
+            f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {group_size}", "kv_group_size"
+        )
+    if head_dim is not None and head_dim % group_size:
+        raise OptionError(
+            f"kv_group_size {group_size} does not divide the model's head_dim {head_dim}; use a smaller group",
+            "kv_group_size",
+        )
+
+
+class _Quantizing:
+    """What a cache that stores its keys/values quantized (kv_bits) adds: attention reads them
+    with quantized matmuls (model.quantized_attention) instead of dequantizing the whole cache."""
+
+    bits: int | None = None
+    group_size: int = 64
+
+    def _store_form(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        if self.bits is None:
+            return keys, values
+        return (
+            tuple(mx.quantize(keys, group_size=self.group_size, bits=self.bits)),
+            tuple(mx.quantize(values, group_size=self.group_size, bits=self.bits)),
+        )
+
+    def _quant_meta(self) -> dict[str, str]:
+        return {} if self.bits is None else {"bits": str(self.bits), "group_size": str(self.group_size)}
+
+    def _set_quantization(self, bits: int | None, group_size: int) -> None:
+        check_kv_quantization(bits, group_size)
+        self.bits, self.group_size = bits, group_size
+
+
+class KVCache(_Quantizing):
+    """Unbounded cache: keeps every position (quantized to `bits` when given)."""
 
     max_size = None
 
-    def __init__(self):
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, bits: int | None = None, group_size: int = 64):
+        self._set_quantization(bits, group_size)
+        self.keys: Stored | None = None
+        self.values: Stored | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        start, end = self.offset, self.offset + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            self.keys = _grow(self.keys, start, keys.shape[2], keys, None)
-            self.values = _grow(self.values, start, keys.shape[2], values, None)
-        self.keys[..., start:end, :] = keys
-        self.values[..., start:end, :] = values
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        keys, values = self._store_form(keys, values)
+        start, end = self.offset, self.offset + _length(keys)
+        if self.keys is None or end > _length(self.keys):
+            self.keys = _grow(self.keys, start, end - start, keys, None)
+            self.values = _grow(self.values, start, end - start, values, None)
+        _write(self.keys, start, keys)
+        _write(self.values, start, values)
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]  # (B, Hkv, S, Dh)
+        return _cut(self.keys, 0, end), _cut(self.values, 0, end)  # (B, Hkv, S, Dh) each part
 
     @property
-    def state(self) -> tuple[mx.array, mx.array]:
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def state(self) -> tuple[Stored, Stored]:
+        return _cut(self.keys, 0, self.offset), _cut(self.values, 0, self.offset)
 
     def meta(self) -> dict[str, str]:
-        return {"offset": str(self.offset)}
+        return {"offset": str(self.offset), **self._quant_meta()}
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, meta: dict[str, str]) -> KVCache:
-        cache = cls()
+    def from_state(cls, keys: Stored, values: Stored, meta: dict[str, str]) -> KVCache:
+        cache = cls(_bits(meta), int(meta.get("group_size", 64)))
         cache.keys, cache.values, cache.offset = keys, values, int(meta["offset"])
         return cache
+
+    def prefix(self, n: int) -> KVCache:
+        """A new cache holding this one's first n positions."""
+        keys, values = self.state
+        return KVCache.from_state(_cut(keys, 0, n), _cut(values, 0, n), {**self.meta(), "offset": str(n)})
 
     def trimmable(self) -> int:
         return self.offset
@@ -99,70 +183,84 @@ class KVCache:
         return n
 
 
-class RotatingKVCache:
-    """Keeps the newest `max_size` positions in a ring buffer (sliding-window attention).
+class RotatingKVCache(_Quantizing):
+    """Keeps the newest `max_size` positions (sliding-window attention).
 
-    Decode steps overwrite the oldest slot in place, so stored keys are out of time order;
-    attention does not care because every stored key is inside the window then. A multi-token
-    update returns the previous `max_size - 1` keys plus the new ones in time order, which is
-    exactly what the first new query needs, and the caller masks the window per query.
+    Decode steps overwrite the oldest slot of a full ring buffer in place, so stored keys are out
+    of time order; attention does not care because every stored key is inside the window then.
+    A multi-token update returns, and keeps in time order, the previous `max_size - 1` keys plus
+    the new L ones: exactly what its first query needs (the caller masks the window per query),
+    and what lets `trim` take back all L of them (speculative decoding's rejected drafts, a chat
+    turn's reused prefix). The next decode step folds that back into a ring of `max_size`.
     """
 
-    def __init__(self, max_size: int):
+    def __init__(self, max_size: int, bits: int | None = None, group_size: int = 64):
         if max_size < 1:
             raise OptionError(f"max_size must be >= 1, got {max_size}")
+        self._set_quantization(bits, group_size)
         self.max_size = max_size
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.keys: Stored | None = None
+        self.values: Stored | None = None
         self.offset = 0
-        self._write = 0  # ring position the next decode step writes to
+        self._held = 0  # positions in the buffer
+        self._ring: int | None = None  # a full ring: the slot the next decode step overwrites; None: time order
 
-    @property
-    def _stored(self) -> int:
-        return min(self.offset, self.max_size)
+    def _in_time_order(self, buffer: Stored) -> Stored:
+        if not self._ring:  # None (time order) or 0 (the ring starts at slot 0)
+            return _cut(buffer, 0, self._held)
+        return _join(_cut(buffer, self._ring, self._held), _cut(buffer, 0, self._ring))
 
-    def _in_time_order(self, buffer: mx.array) -> mx.array:
-        if self.offset <= self.max_size or self._write == 0:
-            return buffer[..., : self._stored, :]
-        return mx.concatenate([buffer[..., self._write : self._stored, :], buffer[..., : self._write, :]], axis=2)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if keys.shape[2] == 1 and self.keys is not None:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        keys, values = self._store_form(keys, values)
+        new = _length(keys)
+        if new == 1 and self.keys is not None:
             return self._update_one(keys, values)
-        keep = self.max_size - 1
-        old_k, old_v = self.state if self.keys is not None else (keys[..., :0, :], values[..., :0, :])
-        all_k = mx.concatenate([old_k[..., old_k.shape[2] - min(keep, old_k.shape[2]) :, :], keys], axis=2)
-        all_v = mx.concatenate([old_v[..., old_v.shape[2] - min(keep, old_v.shape[2]) :, :], values], axis=2)
-        self.offset += keys.shape[2]
-        self.keys, self.values = all_k[..., -self.max_size :, :], all_v[..., -self.max_size :, :]
-        self._write = self.keys.shape[2] % self.max_size
-        return all_k, all_v  # (B, Hkv, S, Dh) in time order
+        if self.keys is not None:
+            old_k, old_v = self.state
+            kept = min(self.max_size - 1, self._held)
+            keys = _join(_cut(old_k, self._held - kept, self._held), keys)
+            values = _join(_cut(old_v, self._held - kept, self._held), values)
+        self.offset += new
+        self.keys, self.values = keys, values
+        self._held, self._ring = _length(keys), None
+        return keys, values  # (B, Hkv, S, Dh) each part, in time order
 
-    def _update_one(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        stored = self._stored
-        if stored < self.max_size and stored == self.keys.shape[2]:
-            self.keys = _grow(self.keys, stored, 1, keys, self.max_size)
-            self.values = _grow(self.values, stored, 1, values, self.max_size)
-        slot = self._write
-        self.keys[..., slot : slot + 1, :] = keys
-        self.values[..., slot : slot + 1, :] = values
+    def _update_one(self, keys: Stored, values: Stored) -> tuple[Stored, Stored]:
         self.offset += 1
-        self._write = (slot + 1) % self.max_size
-        stored = self._stored
-        return self.keys[..., :stored, :], self.values[..., :stored, :]  # (B, Hkv, S, Dh), ring order
+        if self._ring is not None:
+            slot = self._ring
+            _write(self.keys, slot, keys)
+            _write(self.values, slot, values)
+            self._ring = (slot + 1) % self.max_size
+            return self.keys, self.values  # (B, Hkv, max_size, Dh), ring order
+        if self._held >= self.max_size:  # time order, full or over: the newest max_size - 1 and this one
+            held = self._held
+            self.keys = _join(_cut(self.keys, held - self.max_size + 1, held), keys)
+            self.values = _join(_cut(self.values, held - self.max_size + 1, held), values)
+            self._held, self._ring = self.max_size, 0
+            return self.keys, self.values
+        if self._held == _length(self.keys):
+            self.keys = _grow(self.keys, self._held, 1, keys, self.max_size)
+            self.values = _grow(self.values, self._held, 1, values, self.max_size)
+        _write(self.keys, self._held, keys)
+        _write(self.values, self._held, values)
+        self._held += 1
+        if self._held == self.max_size:
+            self._ring = 0
+        return _cut(self.keys, 0, self._held), _cut(self.values, 0, self._held)  # (B, Hkv, S, Dh)
 
     @property
-    def state(self) -> tuple[mx.array, mx.array]:
+    def state(self) -> tuple[Stored, Stored]:
         return self._in_time_order(self.keys), self._in_time_order(self.values)
 
     def meta(self) -> dict[str, str]:
-        return {"offset": str(self.offset), "max_size": str(self.max_size)}
+        return {"offset": str(self.offset), "max_size": str(self.max_size), **self._quant_meta()}
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, meta: dict[str, str]) -> RotatingKVCache:
-        cache = cls(int(meta["max_size"]))
+    def from_state(cls, keys: Stored, values: Stored, meta: dict[str, str]) -> RotatingKVCache:
+        cache = cls(int(meta["max_size"]), _bits(meta), int(meta.get("group_size", 64)))
         cache.keys, cache.values, cache.offset = keys, values, int(meta["offset"])
-        cache._write = keys.shape[2] % cache.max_size
+        cache._held = _length(keys)
         return cache
 
     def trimmable(self) -> int:
@@ -170,16 +268,29 @@ class RotatingKVCache:
         # all of them while nothing has been dropped, else only what exceeds a full window.
         if self.offset <= self.max_size:
             return self.offset
-        return max(0, self._stored - self.max_size + 1)
+        return max(0, self._held - self.max_size + 1)
 
     def trim(self, n: int) -> int:
         n = min(n, self.trimmable())
         if n:
             keys, values = self.state
-            self.keys, self.values = keys[..., : keys.shape[2] - n, :], values[..., : values.shape[2] - n, :]
+            self._held -= n
+            self.keys, self.values = _cut(keys, 0, self._held), _cut(values, 0, self._held)
+            self._ring = None
             self.offset -= n
-            self._write = self.keys.shape[2] % self.max_size
         return n
+
+
+def kv_dims(layer: Cache) -> tuple[int, int]:
+    """(key/value heads, head dim) of what a cache layer stores, quantized or not."""
+    keys = layer.state[0]
+    if isinstance(keys, tuple):  # packed uint32 words of 32 / bits elements each
+        return keys[0].shape[1], keys[0].shape[3] * 32 // layer.bits
+    return keys.shape[1], keys.shape[3]
+
+
+def _bits(meta: dict[str, str]) -> int | None:
+    return int(meta["bits"]) if "bits" in meta else None
 
 
 _CACHE_TYPES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}
@@ -196,7 +307,11 @@ def save_prompt_cache(path: str | Path, cache: list[Cache], metadata: dict[str, 
     for i, layer in enumerate(cache):
         if layer.offset == 0:
             raise CacheFileError(f"layer {i} cache is empty; nothing to save")
-        arrays[f"{i}.keys"], arrays[f"{i}.values"] = layer.state
+        for name, stored in zip(("keys", "values"), layer.state):
+            if isinstance(stored, tuple):  # a quantized cache: packed, scales, biases
+                arrays.update({f"{i}.{name}.{j}": part for j, part in enumerate(stored)})
+            else:
+                arrays[f"{i}.{name}"] = stored
         layers.append({"type": type(layer).__name__, **layer.meta()})
     info = {"mlx_mixtral.cache": json.dumps(layers)}
     info.update({f"user.{k}": str(v) for k, v in (metadata or {}).items()})
@@ -222,6 +337,10 @@ def save_prompt_cache(path: str | Path, cache: list[Cache], metadata: dict[str, 
             os.unlink(tmp)
 
 
+def _stored_parts(arrays: dict[str, mx.array], name: str, quantized: bool) -> Stored:
+    return tuple(arrays[f"{name}.{j}"] for j in range(3)) if quantized else arrays[name]
+
+
 def load_prompt_cache(path: str | Path, what: str = "prompt cache") -> tuple[list[Cache], dict[str, str]]:
     """Read a file written by `save_prompt_cache`: (per-layer caches, user metadata). `what` names
     the kind of file in error messages ("saved chat" for a chat session)."""
@@ -240,7 +359,8 @@ def load_prompt_cache(path: str | Path, what: str = "prompt cache") -> tuple[lis
     try:
         for i, meta in enumerate(json.loads(info["mlx_mixtral.cache"])):
             cls = _CACHE_TYPES[meta.pop("type")]
-            caches.append(cls.from_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], meta))
+            parts = [_stored_parts(arrays, f"{i}.{name}", "bits" in meta) for name in ("keys", "values")]
+            caches.append(cls.from_state(*parts, meta))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise CacheFileError(f"{path}: not a {what} (its layer metadata does not describe its tensors)") from None
     user = {k[len("user.") :]: v for k, v in info.items() if k.startswith("user.")}

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlx_mixtral.cache import Cache, load_prompt_cache, save_prompt_cache
+from mlx_mixtral.cache import Cache, kv_dims, load_prompt_cache, save_prompt_cache
 from mlx_mixtral.errors import CacheFileError
 from mlx_mixtral.generate import GenerationResponse, stream_generate
 from mlx_mixtral.language_model import LanguageModel
@@ -200,13 +200,9 @@ class ChatSession:
                 f"{path}: saved chat without readable system, messages, token_ids and max_kv_size"
             ) from None
         args = model.args
-        keys = cache[0].state[0] if cache else None
-        if (
-            len(cache) != args.num_hidden_layers
-            or keys is None
-            or (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim)
-        ):
-            got = "no layers" if keys is None else f"{len(cache)} layers of {keys.shape[1]}x{keys.shape[3]} keys"
+        dims = kv_dims(cache[0]) if cache else None
+        if len(cache) != args.num_hidden_layers or dims != (args.num_key_value_heads, args.head_dim):
+            got = "no layers" if dims is None else f"{len(cache)} layers of {dims[0]}x{dims[1]} keys"
             raise CacheFileError(
                 f"{path}: saved for another model ({got}; this model has {args.num_hidden_layers} "
                 f"layers of {args.num_key_value_heads}x{args.head_dim})"

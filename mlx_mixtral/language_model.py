@@ -23,5 +23,6 @@ class LanguageModel(Protocol):
         ...
 
     def make_cache(self, max_kv_size: int | None = None) -> list[Cache]:
-        """Fresh per-layer caches (a sliding window of `max_kv_size` tokens when given)."""
+        """Fresh per-layer caches (a sliding window of `max_kv_size` tokens when given; stored as the
+        model's KV quantization says)."""
         ...

@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_mixtral.cache import check_kv_quantization
 from mlx_mixtral.config import ModelArgs, config_path, read_config
 from mlx_mixtral.dtypes import compute_dtype
 from mlx_mixtral.errors import ConfigError, LoadError, OptionError, WeightsError
@@ -55,6 +56,8 @@ def load_planned_model(
     max_memory: str | int | None = None,
     max_kv_size: int | None = None,
     expert_cache: str | float | int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     memory_check: str = "plan",
     on_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> Mixtral:
@@ -72,7 +75,9 @@ def load_planned_model(
     its own files when used). `model.memory_plan` is the plan. `max_memory` (bytes or "12GB")
     replaces the machine's budget, `max_kv_size` is the context the KV cache is counted for, and
     `expert_cache` ("30%", 0.3, or bytes such as "8GB") offloads with that much of the experts in
-    memory whatever the plan says. memory_check="off" loads everything resident without a plan.
+    memory whatever the plan says. `kv_bits` (4 or 8) makes `model.make_cache()` store keys
+    and values quantized in groups of `kv_group_size` (the plan counts that size).
+    memory_check="off" loads everything resident without a plan.
     `on_plan(plan)` is called once the plan is made and accepted, before anything is downloaded
     (the CLI prints its line).
     """
@@ -80,11 +85,20 @@ def load_planned_model(
     from mlx_mixtral.offload.load import load_offloaded
 
     kernels = kernel_choice(kernels)  # a bad value fails before anything is downloaded
+    check_kv_quantization(kv_bits, kv_group_size)
     if memory_check not in ("plan", "off"):
         raise OptionError(f"memory_check={memory_check!r}: expected 'plan' or 'off'", option="memory_check")
     memory_plan = None
     if memory_check == "plan" or expert_cache is not None:
-        memory_plan = plan(path_or_repo, max_memory, max_kv_size, revision=revision, dtype=dtype)
+        memory_plan = plan(
+            path_or_repo,
+            max_memory,
+            max_kv_size,
+            revision=revision,
+            dtype=dtype,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
         if expert_cache is not None:
             memory_plan = memory_plan.with_expert_cache(expert_cache)
         elif memory_plan.decision == "refuse":
@@ -96,8 +110,10 @@ def load_planned_model(
         model = load_offloaded(model_dir, memory_plan.layer_slots(), dtype=dtype, kernels=kernels)
     else:
         model = load_model(model_dir, dtype=dtype, lazy=lazy, kernels=kernels)
+    check_kv_quantization(kv_bits, kv_group_size, model.args.head_dim)
     model.memory_plan = memory_plan
     model.model_dir = model_dir
+    model.kv_bits, model.kv_group_size = kv_bits, kv_group_size
     return model
 
 

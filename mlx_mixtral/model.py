@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache
+from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache, check_kv_quantization
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.errors import OptionError, WeightsError
 from mlx_mixtral.experts import SwitchGLU, kernel_choice, route
@@ -65,9 +65,39 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, Dh)
         window = kv_window(self.window, None if cache is None else cache.max_size)
-        mask = attention_mask(offset, L, k.shape[2], window)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, Dh)
+        if isinstance(k, tuple):  # a quantized cache (kv_bits): (packed, scales, biases) keys and values
+            mask = attention_mask(offset, L, k[0].shape[2], window)
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)  # (B, H, L, Dh)
+        else:
+            mask = attention_mask(offset, L, k.shape[2], window)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, Dh)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
+
+
+def quantized_attention(
+    q: mx.array,
+    k: tuple[mx.array, ...],
+    v: tuple[mx.array, ...],
+    scale: float,
+    mask: mx.array | str | None,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """Softmax attention over keys/values stored by mx.quantize, read with quantized matmuls so the
+    cache is never dequantized as a whole (mx.fast.scaled_dot_product_attention takes float keys)."""
+    B, H, L, Dh = q.shape
+    Hkv, S = k[0].shape[1], k[0].shape[2]
+    q = (q * scale).reshape(B, Hkv, H // Hkv, L, Dh)  # (B, Hkv, H/Hkv, L, Dh): query heads grouped per KV head
+    k = tuple(mx.expand_dims(part, 2) for part in k)  # (B, Hkv, 1, S, .) each part
+    v = tuple(mx.expand_dims(part, 2) for part in v)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, Hkv, H/Hkv, L, S)
+    if isinstance(mask, str):  # "causal": query i sees the first S - L + i + 1 keys
+        mask = mx.arange(S)[None, :] <= mx.arange(S - L, S)[:, None]  # (L, S)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)  # (B, Hkv, H/Hkv, L, S)
+    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, Dh)  # (B, H, L, Dh)
 
 
 def kv_window(model_window: int | None, max_kv_size: int | None) -> int | None:
@@ -146,6 +176,8 @@ class Mixtral(nn.Module):
         self.offload = None  # the expert caches when experts are offloaded (mlx_mixtral.offload)
         self.memory_plan = None  # what the loader planned (mlx_mixtral.memory.plan)
         self.model_dir = None  # where the loader found it
+        self.kv_bits: int | None = None  # how make_cache stores keys/values by default (None: float)
+        self.kv_group_size = 64
         self.model = MixtralModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -193,12 +225,19 @@ class Mixtral(nn.Module):
         self.kernels = "builtin" if not fused else "fused" if fused == len(moe) else "mixed"
         return self.kernels
 
-    def make_cache(self, max_kv_size: int | None = None) -> list[Cache]:
-        """One cache per layer; bounded by the model's sliding window and/or `max_kv_size`."""
+    def make_cache(
+        self, max_kv_size: int | None = None, *, kv_bits: int | None = None, kv_group_size: int | None = None
+    ) -> list[Cache]:
+        """One cache per layer; bounded by the model's sliding window and/or `max_kv_size`; with
+        `kv_bits` (4 or 8) keys and values are stored quantized in groups of `kv_group_size`
+        (None: the model's `kv_bits`/`kv_group_size`, which `load(kv_bits=...)` sets)."""
+        kv_bits = self.kv_bits if kv_bits is None else kv_bits
+        kv_group_size = self.kv_group_size if kv_group_size is None else kv_group_size
+        check_kv_quantization(kv_bits, kv_group_size, self.args.head_dim)
         limit = kv_window(self.args.sliding_window, max_kv_size)
         if limit is None:
-            return [KVCache() for _ in self.layers]
-        return [RotatingKVCache(limit) for _ in self.layers]
+            return [KVCache(kv_bits, kv_group_size) for _ in self.layers]
+        return [RotatingKVCache(limit, kv_bits, kv_group_size) for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         return sanitize(weights, self.args)

@@ -96,8 +96,4 @@ def _prefix_copy(cache: list[Cache], n: int) -> list[Cache] | None:
     buffer is not in time order and may have dropped the start)."""
     if not all(isinstance(layer, KVCache) for layer in cache):
         return None
-    copies: list[Cache] = []
-    for layer in cache:
-        keys, values = layer.state  # (B, Hkv, S, Dh)
-        copies.append(KVCache.from_state(keys[..., :n, :], values[..., :n, :], {"offset": str(n)}))
-    return copies
+    return [layer.prefix(n) for layer in cache]

@@ -94,9 +94,16 @@ def test_unknown_command_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
-@pytest.mark.parametrize("flag", ["--max-memory", "--expert-cache"])
+@pytest.mark.parametrize("flag", ["--max-memory", "--expert-cache", "--kv-bits"])
 def test_memory_flags_with_distributed_are_refused_not_ignored(command, flag, capsys):
-    argv = [command, "--model", "no-such-dir-here", "--distributed", flag, "30%" if flag == "--expert-cache" else "8GB"]
+    argv = [
+        command,
+        "--model",
+        "no-such-dir-here",
+        "--distributed",
+        flag,
+        {"--expert-cache": "30%", "--kv-bits": "8"}.get(flag, "8GB"),
+    ]
     assert main(argv + (["--prompt", "x"] if command == "generate" else [])) == 2
     line = _one_error_line(capsys.readouterr().err, command)
     assert flag in line and "--distributed" in line

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mlx_mixtral.cache import KV_BITS, KV_GROUP_SIZES
 from mlx_mixtral.errors import ChatTemplateError, MixtralError, OptionError
 from mlx_mixtral.experts import KERNEL_CHOICES, KERNELS_ENV
 from mlx_mixtral.loader import load
@@ -70,6 +71,24 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="offload the experts with this much of them in memory (e.g. 30%% or 8GB) whatever the plan says",
     )
+    add_kv_bits_args(p)
+
+
+def add_kv_bits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=KV_BITS,
+        default=None,
+        help="store the KV cache quantized to this many bits (default: unquantized, the compute dtype)",
+    )
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=KV_GROUP_SIZES,
+        default=64,
+        help="elements sharing one scale and bias in the quantized KV cache",
+    )
 
 
 def add_kernels_arg(p: argparse.ArgumentParser) -> None:
@@ -121,11 +140,11 @@ def load_for_cli(args: argparse.Namespace):
 def refuse_offload_when_distributed(args: argparse.Namespace) -> None:
     """Each rank of --distributed holds its own share of the weights in memory; there is no offloading
     there yet, so the memory flags would be ignored: say so instead."""
-    for flag in ("--max-memory", "--expert-cache"):
+    for flag in ("--max-memory", "--expert-cache", "--kv-bits"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise OptionError(
-                f"{flag}: expert offloading does not work with --distributed (each rank keeps its shard "
-                f"in memory); leave out {flag}, or run on one machine",
+                f"{flag} does not work with --distributed yet (each rank keeps its shard and a float KV "
+                f"cache in memory); leave out {flag}, or run on one machine",
                 flag,
             )
 
@@ -137,6 +156,8 @@ def memory_options(args: argparse.Namespace) -> dict[str, Any]:
         max_memory=args.max_memory,
         max_kv_size=getattr(args, "max_kv_size", None),
         expert_cache=args.expert_cache,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
         on_plan=None if getattr(args, "quiet", False) else lambda plan: print(plan.line(), file=sys.stderr, flush=True),
     )
 

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from mlx_mixtral.cli.options import DEFAULT_MODEL
+from mlx_mixtral.cli.options import DEFAULT_MODEL, add_kv_bits_args
 from mlx_mixtral.memory.budget import gb
 from mlx_mixtral.memory.plan import plan
 
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-memory", default=None, metavar="BYTES", help="the budget, e.g. 12GB (default: this machine's)"
     )
     p.add_argument("--max-kv-size", type=int, default=None, metavar="N", help="KV cache window in tokens")
+    add_kv_bits_args(p)
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -31,7 +32,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    result = plan(args.model, args.max_memory, args.max_kv_size, revision=args.revision)
+    result = plan(
+        args.model,
+        args.max_memory,
+        args.max_kv_size,
+        revision=args.revision,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+    )
     if args.json:
         print(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
         return 0

@@ -148,15 +148,28 @@ def plan(
     *,
     revision: str | None = None,
     dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    sequences: int = 1,
 ) -> MemoryPlan:
     """The memory plan of a local model directory or hub id (see the module docstring). For a hub
-    id only config.json and the safetensors headers are fetched."""
+    id only config.json and the safetensors headers are fetched. The KV cache is counted for
+    `sequences` caches at once (a server's batch), stored quantized when `kv_bits` is given."""
     config, tensors = read_shapes(path_or_repo, revision=revision)
     try:
         args = ModelArgs.from_dict(config)
     except ConfigError as e:
         raise LoadError(f"{path_or_repo}: {e}") from None
-    return plan_model(args, tensors, Budget.of_machine(max_memory), max_kv_size=max_kv_size, dtype=dtype)
+    return plan_model(
+        args,
+        tensors,
+        Budget.of_machine(max_memory),
+        max_kv_size=max_kv_size,
+        dtype=dtype,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        sequences=sequences,
+    )
 
 
 def read_shapes(path_or_repo: str | Path, revision: str | None = None) -> tuple[dict, TensorShapes]:
@@ -214,9 +227,13 @@ def kv_context(args: ModelArgs, max_kv_size: int | None) -> int:
     return min(window, context) if window else context
 
 
-def kv_bytes(args: ModelArgs, context: int, itemsize: int) -> int:
-    """Keys and values of every layer for `context` tokens."""
-    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * itemsize * context
+def kv_bytes(args: ModelArgs, context: int, itemsize: int, bits: int | None = None, group_size: int = 64) -> int:
+    """Keys and values of every layer for `context` tokens; quantized to `bits`, each element takes
+    bits/8 bytes plus its group's scale and bias (compute dtype) shared by `group_size` elements."""
+    elements = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * context
+    if bits is None:
+        return elements * itemsize
+    return elements * bits // 8 + elements // group_size * 2 * itemsize
 
 
 def plan_model(
@@ -226,6 +243,9 @@ def plan_model(
     *,
     max_kv_size: int | None = None,
     dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    sequences: int = 1,
 ) -> MemoryPlan:
     """The plan for a model of `args` stored as `tensors`, in `budget` bytes (pure: no I/O)."""
     floats = [SAFETENSORS[c].mlx for n, (c, _) in tensors.items() if SAFETENSORS[c].is_float and n.endswith("weight")]
@@ -242,7 +262,7 @@ def plan_model(
     num_experts = moe_layers * args.num_local_experts
     expert_bytes = parts.get("experts", 0) // num_experts if num_experts else 0
     context = kv_context(args, max_kv_size)
-    kv = kv_bytes(args, context, compute.size)
+    kv = sequences * kv_bytes(args, context, compute.size, kv_bits, kv_group_size)
     extra = overhead(args)
     fixed = sum(v for k, v in parts.items() if k != "experts") + kv + extra
 

@@ -131,9 +131,18 @@ def test_bad_kv_settings_are_one_line_errors(models):
 
 def test_planner_counts_the_quantized_kv_cache():
     args = ModelArgs.from_dict(
-        dict(model_type="mixtral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=8, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
-             vocab_size=32000, max_position_embeddings=32768)  # fmt: skip
+        dict(
+            model_type="mixtral",
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+        )  # fmt: skip
     )
     elements = 2 * 32 * 8 * 128 * 32768  # K and V, 32 layers, 8 KV heads of 128, 32k tokens
     assert kv_bytes(args, 32768, 2) == elements * 2 == 4_294_967_296  # the issue's ~4.3 GB

@@ -1,5 +1,6 @@
 """mlx-mixtral: Mixtral sparse mixture-of-experts models on Apple Silicon with MLX."""
 
+from mlx_mixtral.batching.api import batch_generate, stream_batch_generate
 from mlx_mixtral.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 from mlx_mixtral.chat import ChatSession
 from mlx_mixtral.config import ModelArgs
@@ -12,6 +13,8 @@ from mlx_mixtral.sampling import make_logits_processors, make_sampler
 __version__ = "0.1.0"
 
 __all__ = [
+    "batch_generate",
+    "stream_batch_generate",
     "ChatSession",
     "ContextLimitError",
     "GenerationResponse",

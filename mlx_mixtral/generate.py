@@ -174,11 +174,26 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | mx.array) -> 
     return [int(t) for t in prompt]
 
 
-def stream_generate(
+@dataclass
+class Request:
+    """A prompt and its options as generation runs them: what `stream_generate` (one sequence) and
+    the batch scheduler (mlx_mixtral.batching, many) both derive from the same keyword options."""
+
+    ids: list[int]  # prompt ids to prefill (after anything the cache already holds)
+    sampler: Sampler
+    processors: list[LogitsProcessor]
+    key: mx.array | None
+    max_tokens: int | None
+    text: ResponseText
+
+
+def prepare_request(
     model: LanguageModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int] | mx.array,
     *,
+    held: int = 0,
+    bounded: bool = False,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -190,8 +205,6 @@ def stream_generate(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     logprobs: int = 0,
-    cache: list[Cache] | None = None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     continuation: bool | None = None,
@@ -200,8 +213,123 @@ def stream_generate(
     tool_choice: str | dict[str, Any] | None = None,
     parallel_tool_calls: bool = True,
     tool_format: str | None = None,
+) -> Request:
+    """Check `stream_generate`'s options and build what runs them. `held` is how many tokens the
+    cache already holds before the prompt; `bounded` says the cache is a sliding window (which never
+    runs out of context)."""
+    ids = prompt_ids(tokenizer, prompt)
+    validate_token_ids(ids, model.args.vocab_size, "prompt")
+    if logprobs < 0:
+        raise OptionError(f"logprobs must be >= 0, got {logprobs}")
+    sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
+    if logits_processors is None:
+        logits_processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
+    structured = check_structured(
+        json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+    )
+    tool_format = tool_format or tokenizer.tool_format()
+    constraint = make_constraint(tokenizer, tool_format=tool_format, **structured)
+    processors = list(logits_processors)
+    if constraint is not None:  # last: no other processor may lift a token the grammar forbids
+        processors.append(constraint)
+    calls = None
+    if structured["tool_choice"] != "none":
+        calls = ToolCallStream(tool_format, tool_token=tokenizer.tool_calls_id)
+    if not bounded:  # the same rule as ChatSession and the server
+        max_tokens = fit_to_context(
+            held + len(ids),
+            max_tokens,
+            model.args.max_position_embeddings,
+            hint="shorten the prompt, or pass cache=model.make_cache(max_kv_size=N) for a sliding window",
+        )
+    text = ResponseText(
+        tokenizer,
+        prompt_tokens=len(ids),
+        max_tokens=max_tokens,
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        logprobs=logprobs,
+        continuation=isinstance(prompt, str) if continuation is None else continuation,
+        calls=calls,
+    )
+    return Request(ids, sampler, processors, make_key(seed), max_tokens, text)
+
+
+class ResponseText:
+    """Turns one sequence's sampled tokens into `GenerationResponse`s: streaming detokenization,
+    EOS, stop strings, max_tokens, tool calls, logprobs and speed statistics."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        stop: Sequence[str],
+        logprobs: int,
+        continuation: bool,
+        calls: ToolCallStream | None,
+    ):
+        self.prompt_tokens, self.max_tokens, self.logprobs, self.calls = prompt_tokens, max_tokens, logprobs, calls
+        self.matcher = StopMatcher(stop)
+        self.eos = frozenset(tokenizer.eos_token_ids)
+        self.detok = tokenizer.detokenizer(continuation=continuation)
+        self.start = time.perf_counter()
+        self.first = self.prompt_tps = 0.0
+        self.n = 0  # tokens generated so far
+
+    def respond(self, token: int, token_logprobs: mx.array) -> GenerationResponse:
+        """The response for the next generated token (`token_logprobs`: (V,)); its finish_reason is
+        set when the sequence ends with it."""
+        self.n += 1
+        n, now = self.n, time.perf_counter()
+        if n == 1:
+            self.first = now
+            self.prompt_tps = self.prompt_tokens / max(now - self.start, 1e-9)
+        matcher, finish = self.matcher, None
+        if token in self.eos:
+            text, finish = matcher.feed(self.detok.finalize())[0] + matcher.flush(), "stop"
+        else:
+            text, stopped = matcher.feed(self.detok.add_token(token))
+            if stopped:
+                finish = "stop"
+            elif self.max_tokens is not None and n >= self.max_tokens:
+                tail, stopped = matcher.feed(self.detok.finalize())
+                text, finish = text + tail + ("" if stopped else matcher.flush()), ("stop" if stopped else "length")
+        tool_calls = None
+        if self.calls is not None:
+            self.calls.feed(token, text)
+            if finish is not None:
+                tool_calls = self.calls.finish()[1]
+                finish = "tool_calls" if tool_calls and finish == "stop" else finish
+        return GenerationResponse(
+            text=text,
+            token=token,
+            finish_reason=finish,
+            logprob=float(token_logprobs[token].item()) if self.logprobs else None,
+            top_logprobs=top_logprobs(token_logprobs, self.logprobs) if self.logprobs else None,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / (now - self.first) if n > 1 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            tool_calls=tool_calls,
+        )
+
+
+def stream_generate(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int] | mx.array,
+    *,
+    cache: list[Cache] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    **options: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
+
+    Options (keywords): max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+    repetition_context_size, logit_bias, seed, stop, logprobs, sampler, logits_processors,
+    continuation, json_schema, tools, tool_choice, parallel_tool_calls, tool_format.
 
     `continuation` keeps the first token's word-boundary space (" mat" after "The cat sat on the"),
     as text that continues the prompt needs; without it the answer is decoded as a text of its
@@ -223,85 +351,24 @@ def stream_generate(
     format (`tool_format`, default `tokenizer.tool_format()`). A tool-call answer's last response
     has `tool_calls` (OpenAI's objects) and finish_reason "tool_calls"; `text` is the raw answer.
     """
-    ids = prompt_ids(tokenizer, prompt)
-    validate_token_ids(ids, model.args.vocab_size, "prompt")
-    if logprobs < 0:
-        raise OptionError(f"logprobs must be >= 0, got {logprobs}")
-    sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
-    if logits_processors is None:
-        logits_processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
-    structured = check_structured(
-        json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
-    )
-    tool_format = tool_format or tokenizer.tool_format()
-    constraint = make_constraint(tokenizer, tool_format=tool_format, **structured)
-    if constraint is not None:  # last: no other processor may lift a token the grammar forbids
-        logits_processors = [*logits_processors, constraint]
-    calls = None
-    if structured["tool_choice"] != "none":
-        calls = ToolCallStream(tool_format, tool_token=tokenizer.tool_calls_id)
-    key = make_key(seed)
     cache = model.make_cache() if cache is None else cache
-    if all(layer.max_size is None for layer in cache):  # the same rule as ChatSession and the server
-        held = cache[0].offset if cache else 0
-        max_tokens = fit_to_context(
-            held + len(ids),
-            max_tokens,
-            model.args.max_position_embeddings,
-            hint="shorten the prompt, or pass cache=model.make_cache(max_kv_size=N) for a sliding window",
-        )
-    matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop or []))
-    eos = frozenset(tokenizer.eos_token_ids)
-    detok = tokenizer.detokenizer(continuation=isinstance(prompt, str) if continuation is None else continuation)
-
-    start = time.perf_counter()
-    first = prompt_tps = 0.0
+    bounded = any(layer.max_size is not None for layer in cache)
+    held = cache[0].offset if cache else 0
+    request = prepare_request(model, tokenizer, prompt, held=held, bounded=bounded, **options)
     steps = generate_step(
-        ids,
+        request.ids,
         model,
         cache=cache,
-        sampler=sampler,
-        logits_processors=logits_processors,
+        sampler=request.sampler,
+        logits_processors=request.processors,
         prefill_chunk=prefill_chunk,
-        max_tokens=max_tokens,
-        key=key,
+        max_tokens=request.max_tokens,
+        key=request.key,
     )
-    n = 0
-    for n, (token, token_logprobs) in enumerate(steps, start=1):
-        now = time.perf_counter()
-        if n == 1:
-            first = now
-            prompt_tps = len(ids) / max(now - start, 1e-9)
-        finish = None
-        if token in eos:
-            text, finish = matcher.feed(detok.finalize())[0] + matcher.flush(), "stop"
-        else:
-            text, stopped = matcher.feed(detok.add_token(token))
-            if stopped:
-                finish = "stop"
-            elif max_tokens is not None and n >= max_tokens:
-                tail, stopped = matcher.feed(detok.finalize())
-                text, finish = text + tail + ("" if stopped else matcher.flush()), ("stop" if stopped else "length")
-        tool_calls = None
-        if calls is not None:
-            calls.feed(token, text)
-            if finish is not None:
-                tool_calls = calls.finish()[1]
-                finish = "tool_calls" if tool_calls and finish == "stop" else finish
-        yield GenerationResponse(
-            text=text,
-            token=token,
-            finish_reason=finish,
-            logprob=float(token_logprobs[token].item()) if logprobs else None,
-            top_logprobs=top_logprobs(token_logprobs, logprobs) if logprobs else None,
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            tool_calls=tool_calls,
-        )
-        if finish is not None:
+    for token, token_logprobs in steps:
+        response = request.text.respond(token, token_logprobs)
+        yield response
+        if response.finish_reason is not None:
             return
 
 

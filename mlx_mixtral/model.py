@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_mixtral.batching.cache import BatchKVCache
 from mlx_mixtral.cache import Cache, KVCache, RotatingKVCache, check_kv_quantization
 from mlx_mixtral.config import ModelArgs
 from mlx_mixtral.errors import OptionError, WeightsError
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         # HF's Mistral/Mixtral rotate the two halves of each head (non-interleaved: traditional=False).
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=self.rope_theta, scale=self.rope_scale, offset=offset
@@ -60,16 +61,20 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, Dh)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
-        offset = 0 if cache is None else cache.offset
-        q, k = self._rope(q, offset), self._rope(k, offset)
+        batched = isinstance(cache, BatchKVCache)  # rows of different lengths, left-padded
+        offset = 0 if cache is None else cache.offset  # slots before the new ones
+        rope_offset = cache.rope_offsets() if batched else offset  # (B,) per-row positions when batched
+        q, k = self._rope(q, rope_offset), self._rope(k, rope_offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, Dh)
         window = kv_window(self.window, None if cache is None else cache.max_size)
+        S = (k[0] if isinstance(k, tuple) else k).shape[2]
+        mask = attention_mask(offset, L, S, window)
+        if batched:
+            mask = cache.mask(mask, L)  # (B, 1, L, S) once rows are padded
         if isinstance(k, tuple):  # a quantized cache (kv_bits): (packed, scales, biases) keys and values
-            mask = attention_mask(offset, L, k[0].shape[2], window)
             out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)  # (B, H, L, Dh)
         else:
-            mask = attention_mask(offset, L, k.shape[2], window)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, Dh)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
 
@@ -94,6 +99,8 @@ def quantized_attention(
     if isinstance(mask, str):  # "causal": query i sees the first S - L + i + 1 keys
         mask = mx.arange(S)[None, :] <= mx.arange(S - L, S)[:, None]  # (L, S)
     if mask is not None:
+        if mask.ndim == 4:  # (B, 1, L, S) per-row mask of a batch: broadcast over the query groups too
+            mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S)
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     weights = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)  # (B, Hkv, H/Hkv, L, S)
     out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)

@@ -58,6 +58,7 @@ def load_planned_model(
     expert_cache: str | float | int | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    sequences: int = 1,
     memory_check: str = "plan",
     on_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> Mixtral:
@@ -76,7 +77,8 @@ def load_planned_model(
     replaces the machine's budget, `max_kv_size` is the context the KV cache is counted for, and
     `expert_cache` ("30%", 0.3, or bytes such as "8GB") offloads with that much of the experts in
     memory whatever the plan says. `kv_bits` (4 or 8) makes `model.make_cache()` store keys
-    and values quantized in groups of `kv_group_size` (the plan counts that size).
+    and values quantized in groups of `kv_group_size` (the plan counts that size). `sequences` is
+    how many KV caches the plan counts (a server's batch).
     memory_check="off" loads everything resident without a plan.
     `on_plan(plan)` is called once the plan is made and accepted, before anything is downloaded
     (the CLI prints its line).
@@ -98,6 +100,7 @@ def load_planned_model(
             dtype=dtype,
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
+            sequences=sequences,
         )
         if expert_cache is not None:
             memory_plan = memory_plan.with_expert_cache(expert_cache)

@@ -57,6 +57,7 @@ class BatchEvent:
     response: GenerationResponse | None = None
     error: BaseException | None = None
     done: bool = False
+    cached_tokens: int = 0  # prompt tokens its cache already held when it started
 
 
 @dataclass
@@ -98,6 +99,7 @@ class BatchGenerator:
         max_kv_size: int | None = None,
         take_cache: TakeCache | None = None,
         put_cache: PutCache | None = None,
+        kv_tokens: int | None = None,
     ):
         if max_batch < 1:
             raise OptionError(f"max_batch must be >= 1, got {max_batch}", option="max_batch")
@@ -108,6 +110,9 @@ class BatchGenerator:
         self.take_cache = take_cache or (lambda ids: (model.make_cache(max_kv_size), 0))
         self.put_cache = put_cache
         self.window = kv_window(model.args.sliding_window, max_kv_size)
+        # A batch's KV buffer is (rows x longest row) slots; `kv_tokens` bounds that (what the
+        # memory plan counted), so a request waits while admitting it would pass it.
+        self.kv_tokens = kv_tokens
         self._waiting: deque[_Sequence] = deque()
         self._starting: list[_Sequence] = []  # admitted, prefilling
         self._rows: list[_Sequence] = []  # in the batch, in row order
@@ -148,6 +153,12 @@ class BatchGenerator:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def reset(self) -> None:
+        """Drop every sequence (after a failed step, whose caches are no longer consistent)."""
+        self._waiting.clear()
+        self._starting, self._rows, self._cache, self._inflight = [], [], [], None
+        self._by_uid.clear()
+
     # One step.
 
     def step(self) -> list[BatchEvent]:
@@ -170,7 +181,7 @@ class BatchGenerator:
             self._forget(seq, events)
 
     def _admit(self, events: list[BatchEvent]) -> None:
-        while self._waiting and self.running < self.max_batch:
+        while self._waiting and self.running < self.max_batch and self._fits(self._waiting[0]):
             seq = self._waiting.popleft()
             try:
                 self._start(seq)
@@ -178,6 +189,23 @@ class BatchGenerator:
                 self._forget(seq, events, error=e)
                 continue
             self._starting.append(seq)
+
+    def _fits(self, seq: _Sequence) -> bool:
+        """Whether the KV buffer stays within `kv_tokens` with `seq` in the batch too (each row
+        counted at the most it can reach: its prompt plus max_tokens). Alone, a request always runs."""
+        started = self._starting + self._rows
+        if self.kv_tokens is None or not started:
+            return True
+        longest = max(self._reach(s) for s in [*started, seq])
+        return (len(started) + 1) * longest <= self.kv_tokens
+
+    def _reach(self, seq: _Sequence) -> int:
+        """The most slots a row can need: its prompt plus max_tokens, within the window/context."""
+        limit = self.window or self.model.args.max_position_embeddings
+        if seq.request.max_tokens is None:
+            return limit or len(seq.ids)
+        most = len(seq.ids) + seq.request.max_tokens
+        return most if limit is None else min(most, limit)
 
     def _start(self, seq: _Sequence) -> None:
         # The cache holds exactly `cached` ids, so the context rule `add` applied to the whole
@@ -266,7 +294,7 @@ class BatchGenerator:
                 seq.cancelled, seq.error = True, e
                 continue
             if response.finish_reason is None:
-                events.append(BatchEvent(seq.uid, response=response))
+                events.append(BatchEvent(seq.uid, response=response, cached_tokens=seq.cached))
             else:
                 seq.cancelled, seq.final = True, response
         self._remove_rows([s for s in self._rows if s.cancelled], events)
@@ -304,4 +332,6 @@ class BatchGenerator:
     def _forget(self, seq: _Sequence, events: list[BatchEvent], error: BaseException | None = None) -> None:
         """The sequence's last event: its final response, its error, or (cancelled) neither."""
         self._by_uid.pop(seq.uid, None)
-        events.append(BatchEvent(seq.uid, response=seq.final, error=error or seq.error, done=True))
+        events.append(
+            BatchEvent(seq.uid, response=seq.final, error=error or seq.error, done=True, cached_tokens=seq.cached)
+        )

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 
+from mlx_mixtral.batching.scheduler import DEFAULT_MAX_BATCH
 from mlx_mixtral.cli.options import (
     add_kernels_arg,
     add_memory_args,
@@ -34,6 +35,7 @@ from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.distributed.model import DistributedModel
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.loader import load
+from mlx_mixtral.memory.plan import kv_context
 from mlx_mixtral.server.app import Settings, create_app
 from mlx_mixtral.server.guard import LOOPBACK_HOSTS
 from mlx_mixtral.server.worker import DistributedEngine, Engine, Follower, LocalEngine, Worker
@@ -80,6 +82,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--prompt-cache-size", type=int, default=4, help="conversations whose KV cache is kept for reuse (0: none)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=DEFAULT_MAX_BATCH,
+        help="requests decoded together (1: one at a time); the rest wait in order. The KV cache is planned "
+        "for N sequences of --max-kv-size tokens when that is given, else for one full context that the "
+        "batch shares",
     )
     p.add_argument(
         "--chat-template",
@@ -139,8 +149,16 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
             if not dm.is_leader:
                 return Follower(dm.follow)
             return DistributedEngine(dm, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
-        model, tokenizer = load(args.model, **memory_options(args))
-        return LocalEngine(model, tokenizer, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
+        sequences = args.max_batch if args.max_kv_size is not None else 1
+        model, tokenizer = load(args.model, sequences=sequences, **memory_options(args))
+        return LocalEngine(
+            model,
+            tokenizer,
+            max_kv_size=args.max_kv_size,
+            prompt_cache_size=args.prompt_cache_size,
+            max_batch=args.max_batch,
+            kv_tokens=sequences * kv_context(model.args, args.max_kv_size),
+        )
 
     return load_engine
 

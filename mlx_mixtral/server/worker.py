@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mlx_mixtral.batching.scheduler import BatchEvent, BatchGenerator
 from mlx_mixtral.distributed.model import DistributedModel
-from mlx_mixtral.errors import DistributedError
+from mlx_mixtral.errors import DistributedError, MixtralError
 from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.prefix_cache import PrefixCache
@@ -64,6 +65,7 @@ class Engine(Protocol):
 
     model: LanguageModel
     tokenizer: Tokenizer
+    batcher: BatchGenerator | None  # set: jobs are decoded together (Worker._serve_batched)
 
     @property
     def cached_tokens(self) -> int:
@@ -82,13 +84,32 @@ class Engine(Protocol):
 
 
 class LocalEngine:
-    """One process: `stream_generate` through a `PrefixCache`."""
+    """One process: `stream_generate` through a `PrefixCache`, or with `max_batch` > 1 a
+    `BatchGenerator` whose sequences take their caches from, and give them back to, that cache."""
 
     def __init__(
-        self, model: LanguageModel, tokenizer: Tokenizer, *, max_kv_size: int | None = None, prompt_cache_size: int = 4
+        self,
+        model: LanguageModel,
+        tokenizer: Tokenizer,
+        *,
+        max_kv_size: int | None = None,
+        prompt_cache_size: int = 4,
+        max_batch: int = 1,
+        kv_tokens: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = PrefixCache(lambda: model.make_cache(max_kv_size), prompt_cache_size)
+        self.batcher = None
+        if max_batch > 1:
+            self.batcher = BatchGenerator(
+                model,
+                tokenizer,
+                max_batch=max_batch,
+                max_kv_size=max_kv_size,
+                take_cache=self.prompt_cache.take,
+                put_cache=self.prompt_cache.put,
+                kv_tokens=kv_tokens,
+            )
 
     @property
     def cached_tokens(self) -> int:
@@ -109,11 +130,13 @@ class LocalEngine:
 
 class DistributedEngine:
     """Rank 0 of a model sharded over an `mlx.launch` group (`DistributedModel`): its worker drives
-    the same prefix cache and generation on every rank (the others run as a `Follower`)."""
+    the same prefix cache and generation on every rank (the others run as a `Follower`). Jobs run
+    one at a time: batching would need every rank to run the same scheduler in lockstep."""
 
     def __init__(self, dm: DistributedModel, *, max_kv_size: int | None = None, prompt_cache_size: int = 4):
         self.dm, self.model, self.tokenizer = dm, dm.model, dm.tokenizer
         self.broken = False
+        self.batcher = None
         self._cache = dm.prefix_cache(prompt_cache_size, max_kv_size)
 
     @property
@@ -212,6 +235,12 @@ class Worker:
         if isinstance(loaded, Follower):
             self.exit_status = loaded.follow()
             return
+        if self.engine.batcher is not None:
+            try:
+                self._serve_batched(self.engine.batcher)
+            finally:
+                self.engine.close()
+            return
         try:
             while (job := self._jobs.get()) is not None or not self._jobs.empty():
                 if job is None:  # a shut_down sentinel: the jobs behind it are refused too
@@ -251,3 +280,66 @@ class Worker:
             stream.close()  # a stopped generation puts its cache back now, before the next job
         self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
         job.emit(Finished(ShuttingDown() if self._stopping else None))
+
+    def _serve_batched(self, batcher: BatchGenerator) -> None:
+        """Admit queued jobs between steps and run one batch step at a time until shut down. A job
+        that cannot start fails alone; one whose client left is cancelled within a step."""
+        jobs: dict[int, Job] = {}
+        while True:
+            wait = not batcher.busy  # idle: sleep until a job (or the shut-down sentinel) comes
+            while True:
+                try:
+                    job = self._jobs.get(block=wait)
+                except queue.Empty:
+                    break
+                wait = False
+                if job is None:
+                    continue
+                if job.cancelled.is_set() or self._stopping:
+                    self.stats["cancelled"] += 1
+                    job.emit(Finished(ShuttingDown() if self._stopping else None))
+                    continue
+                try:
+                    jobs[batcher.add(job.ids, **job.options)] = job
+                except Exception as e:  # a bad request: its own error, nobody else's
+                    self.stats["failed"] += 1
+                    job.emit(Finished(e))
+            if self._stopping:
+                for job in jobs.values():
+                    self.stats["cancelled"] += 1
+                    job.emit(Finished(ShuttingDown()))
+                return
+            for uid, job in jobs.items():
+                if job.cancelled.is_set():
+                    batcher.cancel(uid)
+            self.busy = batcher.busy
+            try:
+                events = batcher.step()
+            except Exception as e:  # the batch's forward pass failed: every job in it did
+                log.exception("batch step failed")
+                for job in jobs.values():
+                    self.stats["failed"] += 1
+                    job.emit(Finished(e))
+                jobs.clear()
+                batcher.reset()
+                continue
+            for event in events:
+                self._deliver(jobs, event)
+            self.busy = batcher.busy
+
+    def _deliver(self, jobs: dict[int, Job], event: BatchEvent) -> None:
+        job = jobs[event.uid]
+        if event.response is not None:
+            job.cached_tokens = event.cached_tokens
+            self.stats["generated_tokens"] += 1
+            job.emit(event.response)
+        if not event.done:
+            return
+        del jobs[event.uid]
+        if event.error is not None:
+            self.stats["failed"] += 1
+            if not isinstance(event.error, MixtralError):
+                log.error("generation failed", exc_info=event.error)
+        else:
+            self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        job.emit(Finished(event.error))

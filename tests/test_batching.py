@@ -266,3 +266,22 @@ def test_batch_cache_with_a_window_drops_only_unseen_slots():
     assert batch.offset <= 5 - 1 + 256  # bounded
     np.testing.assert_array_equal(np.array(batch.state[0][..., -5:, :]), np.array(ring.state[0]))
     assert batch.row(0).offset == 300
+
+
+def test_a_short_prompt_behind_a_long_one_waits_one_chunk(full):
+    """The shortest starting prompt prefills first: the short one's first token comes a step or two in,
+    not after the long one's 25 chunks; both still get their own tokens."""
+    model, tokenizer = full
+    long, short = _prompts([200, 5], seed=11)
+    alone = [_alone(model, tokenizer, p, max_tokens=6) for p in (long, short)]
+    generator = BatchGenerator(model, tokenizer, max_batch=4, prefill_chunk=8)
+    uids = [generator.add(long, max_tokens=6), generator.add(short, max_tokens=6)]
+    first_at, tokens, step = {}, {u: [] for u in uids}, 0
+    while generator.busy:
+        for event in generator.step():
+            if event.response is not None:
+                first_at.setdefault(event.uid, step)
+                tokens[event.uid].append(event.response.token)
+        step += 1
+    assert first_at[uids[1]] <= 3 and first_at[uids[0]] >= 24
+    assert [tokens[u] for u in uids] == alone

@@ -6,8 +6,10 @@ Shapes: B running sequences, V vocab, T tokens a sequence's logits processors se
 runs one scheduler step and returns what happened to each sequence:
 
 1. Admission: queued requests start, oldest first, while fewer than `max_batch` are started.
-2. Prefill: one chunk (`prefill_chunk` tokens) of the oldest starting request's prompt, in its own
-   one-sequence cache, so a long prompt delays the running streams by one chunk per step. A
+2. Prefill: one chunk (`prefill_chunk` tokens) of one starting request's prompt, in its own
+   one-sequence cache, so a long prompt delays the running streams by one chunk per step. The
+   shortest remaining prompt goes first, so a short prompt behind a long one waits for the chunk
+   in progress, not for the whole long prompt. A
    prompt prefilled up to its last token joins the batch (`BatchKVCache.extend`); that token is its
    first decode input, as in `generate_step`.
 3. Decode: the next step's graph is built and queued (`mx.async_eval`) before the previous step's
@@ -220,8 +222,10 @@ class BatchGenerator:
         seq.key = mx.random.key(int.from_bytes(os.urandom(4), "little")) if request.key is None else request.key
 
     def _prefill_one(self, events: list[BatchEvent]) -> list[_Sequence]:
-        """One chunk of the oldest starting prompt; the starting sequences ready to decode."""
-        for seq in self._starting:
+        """One chunk of the shortest starting prompt; the starting sequences ready to decode."""
+        # Shortest remaining prompt first: a short prompt that arrives while a long one prefills
+        # waits for at most the chunk in progress; the long one goes on when no short one waits.
+        for seq in sorted(self._starting, key=lambda s: s.rest.size):
             if seq.cancelled or seq.request.max_tokens == 0 or seq.rest.size <= 1:
                 continue
             n = min(self.prefill_chunk, seq.rest.size - 1)

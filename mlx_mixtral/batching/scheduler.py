@@ -13,7 +13,8 @@ runs one scheduler step and returns what happened to each sequence:
    prompt prefilled up to its last token joins the batch (`BatchKVCache.extend`); that token is its
    first decode input, as in `generate_step`.
 3. Decode: the next step's graph is built and queued (`mx.async_eval`) before the previous step's
-   tokens are read, so the host's work overlaps the device's, as in `generate_step`. Each
+   tokens are read, so the host's work overlaps the device's, as in `generate_step`; the prefill
+   chunk comes after the read, and waits a step while a row that just joined has no token yet. Each
    sequence samples with its own sampler, logits processors, seed and history; its tokens become
    text through its own `ResponseText` (stop strings, EOS, max_tokens, logprobs, tool calls).
 
@@ -167,14 +168,17 @@ class BatchGenerator:
         events: list[BatchEvent] = []
         self._drop_cancelled_waiting(events)
         self._admit(events)
-        joining = self._prefill_one(events)
-        previous = self._inflight
-        self._inflight = None
-        self._join(joining)
+        previous, self._inflight = self._inflight, None
         if self._rows:
-            self._inflight = self._decode(previous)
+            self._inflight = self._decode(previous)  # queued before reading `previous`: they overlap
         if previous is not None:
             self._read(previous, events)
+        # A row that just joined gets its first token out before the next chunk of someone else's
+        # prompt holds the device: its time to first token is not a chunk longer.
+        if any(not seq.generated for seq in self._rows):
+            self._join(self._ready(events))
+        else:
+            self._join(self._prefill_one(events))
         return events
 
     def _drop_cancelled_waiting(self, events: list[BatchEvent]) -> None:

@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_mixtral.cache import Cache
 from mlx_mixtral.errors import OptionError
 from mlx_mixtral.grammar import check_structured, make_constraint
-from mlx_mixtral.language_model import LanguageModel
+from mlx_mixtral.language_model import LanguageModel, prefill
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS, fit_to_context
 from mlx_mixtral.sampling import (
     LogitsProcessor,
@@ -33,6 +33,7 @@ from mlx_mixtral.sampling import (
     top_logprobs,
     validate_token_ids,
 )
+from mlx_mixtral.speculative import DraftModel, DraftStats, check_draft_model, check_speculation, speculative_steps
 from mlx_mixtral.tokenizer.core import Tokenizer
 from mlx_mixtral.tool_calls import ToolCallStream
 
@@ -49,6 +50,10 @@ def generate_step(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     key: mx.array | None = None,
+    draft_model: LanguageModel | None = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int | None = None,
+    draft_stats: DraftStats | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs (V,))` for each new token after `prompt_ids`.
 
@@ -57,6 +62,13 @@ def generate_step(
     possibly the last; `cache[0].offset` says exactly how many tokens it has seen. Logits
     processors see the prompt ids given here plus the generated ones. `key` seeds the sampler
     (a fresh random key when None); the same key gives the same tokens.
+
+    Speculative decoding (speculative.py) when `draft_model` or `prompt_lookup` is given: each
+    round drafts up to `num_draft_tokens` tokens, by prompt lookup (the tokens that followed the
+    latest earlier occurrence of the last `prompt_lookup` ids) or else with `draft_model` (same
+    vocabulary), and verifies them in one forward pass of `model`. The tokens have the
+    distribution plain decoding gives them (greedy: the same tokens), not the same random draws;
+    `draft_stats` counts drafted and accepted tokens. The sampler must come from make_sampler.
     """
     prompt = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids), mx.uint32)
     if prompt.ndim != 1 or prompt.size == 0:
@@ -65,6 +77,11 @@ def generate_step(
         raise OptionError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if max_tokens is not None and max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+    speculate = draft_model is not None or prompt_lookup is not None
+    if speculate:
+        check_speculation(num_draft_tokens, prompt_lookup)
+        if draft_model is not None:
+            check_draft_model(draft_model, model)
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or greedy
     processors = list(logits_processors or ())
@@ -83,17 +100,24 @@ def generate_step(
             history = mx.concatenate([history, token.astype(history.dtype)])  # (T + 1,)
         return token, logprobs[0]
 
-    # Prefill everything but the last token without computing logits; evaluating the caches'
-    # state runs just the layers, so the output head (V x D per token) runs for one position
-    # only. Chunks bound the attention scores' memory (L x L per head).
-    rest = prompt
-    while rest.size > 1:
-        n = min(prefill_chunk, rest.size - 1)
-        model(rest[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-        rest = rest[n:]
+    rest = prefill(model, prompt, cache, prefill_chunk)
     if max_tokens == 0:
+        return
+    if speculate:
+        yield from speculative_steps(
+            model,
+            cache,
+            [int(t) for t in prompt.tolist()],
+            sampler=sampler,
+            processors=processors,
+            history=history,
+            key=key,
+            max_tokens=max_tokens,
+            num_draft_tokens=num_draft_tokens,
+            draft=None if draft_model is None else DraftModel(draft_model, prefill_chunk),
+            prompt_lookup=prompt_lookup,
+            stats=DraftStats() if draft_stats is None else draft_stats,
+        )
         return
 
     token, logprobs = step(rest)

@@ -54,6 +54,7 @@ def generate_step(
     num_draft_tokens: int = 3,
     prompt_lookup: int | None = None,
     draft_stats: DraftStats | None = None,
+    context: Sequence[int] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs (V,))` for each new token after `prompt_ids`.
 
@@ -69,6 +70,8 @@ def generate_step(
     vocabulary), and verifies them in one forward pass of `model`. The tokens have the
     distribution plain decoding gives them (greedy: the same tokens), not the same random draws;
     `draft_stats` counts drafted and accepted tokens. The sampler must come from make_sampler.
+    `context`: the ids `cache` already holds, for the drafts to look at (prompt lookup finds
+    matches there; the draft model reads them).
     """
     prompt = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids), mx.uint32)
     if prompt.ndim != 1 or prompt.size == 0:
@@ -107,7 +110,7 @@ def generate_step(
         yield from speculative_steps(
             model,
             cache,
-            [int(t) for t in prompt.tolist()],
+            [*map(int, context), *map(int, prompt.tolist())],
             sampler=sampler,
             processors=processors,
             history=history,
@@ -152,6 +155,8 @@ class GenerationResponse:
     generation_tps: float  # decode speed after the first token
     peak_memory: float  # GB, mx.get_peak_memory()
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI tool_calls, on the last response of a tool-call answer
+    draft_tokens: int = 0  # speculative decoding: tokens drafted so far
+    accepted_draft_tokens: int = 0  # ... and how many of them the target model accepted
 
 
 class StopMatcher:
@@ -224,6 +229,10 @@ def stream_generate(
     tool_choice: str | dict[str, Any] | None = None,
     parallel_tool_calls: bool = True,
     tool_format: str | None = None,
+    draft_model: LanguageModel | None = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int | None = None,
+    context: Sequence[int] = (),
 ) -> Iterator[GenerationResponse]:
     """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
 
@@ -246,6 +255,10 @@ def stream_generate(
     {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls` hold it to the tool
     format (`tool_format`, default `tokenizer.tool_format()`). A tool-call answer's last response
     has `tool_calls` (OpenAI's objects) and finish_reason "tool_calls"; `text` is the raw answer.
+
+    Speculative decoding with `draft_model`, `num_draft_tokens` and `prompt_lookup` as for
+    `generate_step` (not with json_schema or tools); `context` are the ids `cache` already holds,
+    which the drafts look at too. Responses count `draft_tokens` and `accepted_draft_tokens`.
     """
     ids = prompt_ids(tokenizer, prompt)
     validate_token_ids(ids, model.args.vocab_size, "prompt")
@@ -259,6 +272,13 @@ def stream_generate(
     )
     tool_format = tool_format or tokenizer.tool_format()
     constraint = make_constraint(tokenizer, tool_format=tool_format, **structured)
+    speculate = draft_model is not None or prompt_lookup is not None
+    if speculate and constraint is not None:
+        raise OptionError(
+            "speculative decoding (draft_model, prompt_lookup) does not work with json_schema or tools: "
+            "their grammar matcher cannot take back rejected drafts",
+            option="prompt_lookup" if draft_model is None else "draft_model",
+        )
     if constraint is not None:  # last: no other processor may lift a token the grammar forbids
         logits_processors = [*logits_processors, constraint]
     calls = None
@@ -280,6 +300,7 @@ def stream_generate(
 
     start = time.perf_counter()
     first = prompt_tps = 0.0
+    drafts = DraftStats()
     steps = generate_step(
         ids,
         model,
@@ -289,6 +310,11 @@ def stream_generate(
         prefill_chunk=prefill_chunk,
         max_tokens=max_tokens,
         key=key,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        prompt_lookup=prompt_lookup,
+        draft_stats=drafts,
+        context=context,
     )
     n = 0
     for n, (token, token_logprobs) in enumerate(steps, start=1):
@@ -324,6 +350,8 @@ def stream_generate(
             generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             tool_calls=tool_calls,
+            draft_tokens=drafts.drafted,
+            accepted_draft_tokens=drafts.accepted,
         )
         if finish is not None:
             return

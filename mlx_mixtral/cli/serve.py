@@ -24,19 +24,23 @@ import uvicorn
 from mlx_mixtral.cli.options import (
     add_kernels_arg,
     add_memory_args,
+    add_speculative_args,
     check_chat_template,
+    load_draft,
     memory_options,
     one_line,
     refuse_offload_when_distributed,
+    refuse_speculation_when_distributed,
     report,
 )
 from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.distributed.model import DistributedModel
-from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.errors import MixtralError, OptionError
 from mlx_mixtral.loader import load
 from mlx_mixtral.server.app import Settings, create_app
 from mlx_mixtral.server.guard import LOOPBACK_HOSTS
 from mlx_mixtral.server.worker import DistributedEngine, Engine, Follower, LocalEngine, Worker
+from mlx_mixtral.speculative import check_speculation
 from mlx_mixtral.text import argv_text
 
 PROG = "mlx-mixtral serve"
@@ -100,6 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     add_kernels_arg(p)
     add_memory_args(p)
+    add_speculative_args(p)
     args = p.parse_args(argv)
     if args.api_key is None and os.environ.get(API_KEY_ENV):  # not a parser default: --help would show it
         args.api_key = argv_text(os.environ[API_KEY_ENV])
@@ -107,6 +112,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        check_speculation(args.num_draft_tokens, args.prompt_lookup)
+    except OptionError as e:
+        p.error(f"--{e.option.replace('_', '-')}: {e}")
     return args
 
 
@@ -140,7 +149,18 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
                 return Follower(dm.follow)
             return DistributedEngine(dm, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
         model, tokenizer = load(args.model, **memory_options(args))
-        return LocalEngine(model, tokenizer, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
+        speculative = dict(
+            draft_model=load_draft(args, model),
+            num_draft_tokens=args.num_draft_tokens,
+            prompt_lookup=args.prompt_lookup,
+        )
+        return LocalEngine(
+            model,
+            tokenizer,
+            max_kv_size=args.max_kv_size,
+            prompt_cache_size=args.prompt_cache_size,
+            speculative=speculative,
+        )
 
     return load_engine
 
@@ -149,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.distributed:
         refuse_offload_when_distributed(args)
+        refuse_speculation_when_distributed(args)
     sock = None
     if not args.distributed:  # a taken port fails before minutes of loading (ranks bind once loaded)
         sock = _listen(args.host, args.port)

@@ -85,16 +85,30 @@ class LocalEngine:
     """One process: `stream_generate` through a `PrefixCache`."""
 
     def __init__(
-        self, model: LanguageModel, tokenizer: Tokenizer, *, max_kv_size: int | None = None, prompt_cache_size: int = 4
+        self,
+        model: LanguageModel,
+        tokenizer: Tokenizer,
+        *,
+        max_kv_size: int | None = None,
+        prompt_cache_size: int = 4,
+        speculative: dict[str, Any] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = PrefixCache(lambda: model.make_cache(max_kv_size), prompt_cache_size)
+        # stream_generate's draft_model / num_draft_tokens / prompt_lookup for every request that
+        # can take them (not structured ones: their grammar matcher cannot take back drafts).
+        self.speculative = dict(speculative or {})
 
     @property
     def cached_tokens(self) -> int:
         return self.prompt_cache.cached_tokens
 
     def stream(self, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        structured = options.get("json_schema") is not None or (
+            options.get("tools") and options.get("tool_choice") != "none"
+        )
+        if self.speculative and not structured:
+            options = {**options, **self.speculative}
         return self.prompt_cache.stream(self.model, self.tokenizer, ids, **options)
 
     def cache_entries(self) -> int | None:

@@ -33,7 +33,14 @@ from mlx_mixtral.sampling import (
     top_logprobs,
     validate_token_ids,
 )
-from mlx_mixtral.speculative import DraftModel, DraftStats, check_draft_model, check_speculation, speculative_steps
+from mlx_mixtral.speculative import (
+    DraftModel,
+    DraftStats,
+    check_draft_model,
+    check_speculation,
+    check_unstructured,
+    speculative_steps,
+)
 from mlx_mixtral.tokenizer.core import Tokenizer
 from mlx_mixtral.tool_calls import ToolCallStream
 
@@ -270,15 +277,10 @@ def stream_generate(
     structured = check_structured(
         json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
     )
+    if draft_model is not None or prompt_lookup is not None:
+        check_unstructured(structured, "prompt_lookup" if draft_model is None else "draft_model")
     tool_format = tool_format or tokenizer.tool_format()
     constraint = make_constraint(tokenizer, tool_format=tool_format, **structured)
-    speculate = draft_model is not None or prompt_lookup is not None
-    if speculate and constraint is not None:
-        raise OptionError(
-            "speculative decoding (draft_model, prompt_lookup) does not work with json_schema or tools: "
-            "their grammar matcher cannot take back rejected drafts",
-            option="prompt_lookup" if draft_model is None else "draft_model",
-        )
     if constraint is not None:  # last: no other processor may lift a token the grammar forbids
         logits_processors = [*logits_processors, constraint]
     calls = None

@@ -14,7 +14,7 @@ from typing import Any
 from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.grammar import check_structured
 from mlx_mixtral.sampling import make_key, make_logits_processors, make_sampler
-from mlx_mixtral.speculative import check_speculation
+from mlx_mixtral.speculative import check_speculation, check_unstructured
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -55,14 +55,8 @@ def generation_options(
     structured = check_structured(
         json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
     )
-    if prompt_lookup is not None and (
-        structured["json_schema"] is not None or (structured["tools"] and structured["tool_choice"] != "none")
-    ):
-        raise OptionError(
-            "prompt_lookup does not work with json_schema or tools: their grammar matcher cannot take back "
-            "rejected drafts",
-            option="prompt_lookup",
-        )
+    if prompt_lookup is not None:
+        check_unstructured(structured, "prompt_lookup")
     return dict(
         max_tokens=max_tokens,
         temperature=temperature,

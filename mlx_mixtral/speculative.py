@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
@@ -92,6 +93,18 @@ def check_speculation(num_draft_tokens: int, prompt_lookup: int | None) -> None:
     if prompt_lookup is not None and prompt_lookup < 1:
         raise OptionError(
             f"prompt_lookup (the n-gram length to look up) must be >= 1, got {prompt_lookup}", option="prompt_lookup"
+        )
+
+
+def check_unstructured(structured: dict[str, Any], option: str) -> None:
+    """Refuse speculation (set by `option`) with structured output (`check_structured`'s dict):
+    the grammar matcher that enforces json_schema or tools moves forward only and cannot take
+    back rejected drafts."""
+    if structured["json_schema"] is not None or (structured["tools"] and structured["tool_choice"] != "none"):
+        raise OptionError(
+            f"{option} (speculative decoding) does not work with json_schema or tools: their grammar matcher "
+            "cannot take back rejected drafts",
+            option=option,
         )
 
 

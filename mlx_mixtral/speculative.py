@@ -148,6 +148,8 @@ class DraftModel:
         """k draft tokens (k,) after `ids`, lazily, and the (k, V) distributions they were drawn from
         (None when `distribution` is: a greedy target needs only the tokens)."""
         pending = mx.array(list(ids[self.seen :]), mx.uint32)  # (P,) tokens the draft has not seen
+        # A long backlog (the prompt, or a rebuilt cache's window) is prefilled in chunks; the few
+        # tokens accepted since the last round go into the first draft forward.
         tokens = prefill(self.model, pending, self.cache, self.prefill_chunk) if pending.size > 8 else pending
         drafts, dists = [], []
         for i in range(k):
@@ -254,4 +256,11 @@ def speculative_steps(
         stats.accepted += n
         for i, t in enumerate(new):
             produced += 1
-            yield t, logprobs[i]
+            try:
+                yield t, logprobs[i]
+            except GeneratorExit:
+                # The caller stopped inside a round (EOS, a stop string): forget the accepted drafts
+                # after the tokens it took, so the cache holds what was yielded, as plain decoding leaves it.
+                for c in cache:
+                    c.trim(n - (i + 1))
+                raise

@@ -113,6 +113,17 @@ def test_max_tokens_is_exact(target, draft):
     assert run(target, REPEATING, 0, prompt_lookup=1) == []
 
 
+def test_stopping_inside_a_round_leaves_the_cache_as_plain_decoding_does(target):
+    """A caller that stops after j tokens (EOS, a stop string) finds the cache holding the prompt
+    and those tokens but possibly the last, not the accepted drafts it never took."""
+    for j in range(1, 12):
+        cache = target.make_cache()
+        steps = generate_step(REPEATING, target, cache=cache, max_tokens=40, prompt_lookup=1, num_draft_tokens=4)
+        taken = [next(steps) for _ in range(j)]
+        steps.close()
+        assert len(REPEATING) + len(taken) - 1 <= cache[0].offset <= len(REPEATING) + len(taken)
+
+
 # --- the acceptance rule, statistically ---------------------------------------------------------
 
 

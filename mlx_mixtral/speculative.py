@@ -261,6 +261,7 @@ def speculative_steps(
             except GeneratorExit:
                 # The caller stopped inside a round (EOS, a stop string): forget the accepted drafts
                 # after the tokens it took, so the cache holds what was yielded, as plain decoding leaves it.
-                for c in cache:
-                    c.trim(n - (i + 1))
+                if n > i + 1:
+                    for c in cache:
+                        c.trim(n - (i + 1))
                 raise

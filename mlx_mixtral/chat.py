@@ -148,7 +148,9 @@ class ChatSession:
         pieces: list[str] = []
         tokens: list[int] = []
         try:
-            for response in stream_generate(self.model, self.tokenizer, ids[kept:], cache=self.cache, **options):
+            for response in stream_generate(
+                self.model, self.tokenizer, ids[kept:], cache=self.cache, context=ids[:kept], **options
+            ):
                 pieces.append(response.text)
                 tokens.append(response.token)
                 self.last = response

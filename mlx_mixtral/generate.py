@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_mixtral.cache import Cache
 from mlx_mixtral.errors import OptionError
 from mlx_mixtral.grammar import check_structured, make_constraint
-from mlx_mixtral.language_model import LanguageModel
+from mlx_mixtral.language_model import LanguageModel, prefill
 from mlx_mixtral.options import DEFAULT_MAX_TOKENS, fit_to_context
 from mlx_mixtral.sampling import (
     LogitsProcessor,
@@ -32,6 +32,14 @@ from mlx_mixtral.sampling import (
     make_sampler,
     top_logprobs,
     validate_token_ids,
+)
+from mlx_mixtral.speculative import (
+    DraftModel,
+    DraftStats,
+    check_draft_model,
+    check_speculation,
+    check_unstructured,
+    speculative_steps,
 )
 from mlx_mixtral.tokenizer.core import Tokenizer
 from mlx_mixtral.tool_calls import ToolCallStream
@@ -49,6 +57,11 @@ def generate_step(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     key: mx.array | None = None,
+    draft_model: LanguageModel | None = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int | None = None,
+    draft_stats: DraftStats | None = None,
+    context: Sequence[int] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs (V,))` for each new token after `prompt_ids`.
 
@@ -57,6 +70,15 @@ def generate_step(
     possibly the last; `cache[0].offset` says exactly how many tokens it has seen. Logits
     processors see the prompt ids given here plus the generated ones. `key` seeds the sampler
     (a fresh random key when None); the same key gives the same tokens.
+
+    Speculative decoding (speculative.py) when `draft_model` or `prompt_lookup` is given: each
+    round drafts up to `num_draft_tokens` tokens, by prompt lookup (the tokens that followed the
+    latest earlier occurrence of the last `prompt_lookup` ids) or else with `draft_model` (same
+    vocabulary), and verifies them in one forward pass of `model`. The tokens have the
+    distribution plain decoding gives them (greedy: the same tokens), not the same random draws;
+    `draft_stats` counts drafted and accepted tokens. The sampler must come from make_sampler.
+    `context`: the ids `cache` already holds, for the drafts to look at (prompt lookup finds
+    matches there; the draft model reads them).
     """
     prompt = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids), mx.uint32)
     if prompt.ndim != 1 or prompt.size == 0:
@@ -65,6 +87,11 @@ def generate_step(
         raise OptionError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if max_tokens is not None and max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+    speculate = draft_model is not None or prompt_lookup is not None
+    if speculate:
+        check_speculation(num_draft_tokens, prompt_lookup)
+        if draft_model is not None:
+            check_draft_model(draft_model, model)
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or greedy
     processors = list(logits_processors or ())
@@ -83,17 +110,24 @@ def generate_step(
             history = mx.concatenate([history, token.astype(history.dtype)])  # (T + 1,)
         return token, logprobs[0]
 
-    # Prefill everything but the last token without computing logits; evaluating the caches'
-    # state runs just the layers, so the output head (V x D per token) runs for one position
-    # only. Chunks bound the attention scores' memory (L x L per head).
-    rest = prompt
-    while rest.size > 1:
-        n = min(prefill_chunk, rest.size - 1)
-        model(rest[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-        rest = rest[n:]
+    rest = prefill(model, prompt, cache, prefill_chunk)
     if max_tokens == 0:
+        return
+    if speculate:
+        yield from speculative_steps(
+            model,
+            cache,
+            [*map(int, context), *map(int, prompt.tolist())],
+            sampler=sampler,
+            processors=processors,
+            history=history,
+            key=key,
+            max_tokens=max_tokens,
+            num_draft_tokens=num_draft_tokens,
+            draft=None if draft_model is None else DraftModel(draft_model, prefill_chunk),
+            prompt_lookup=prompt_lookup,
+            stats=DraftStats() if draft_stats is None else draft_stats,
+        )
         return
 
     token, logprobs = step(rest)
@@ -128,6 +162,8 @@ class GenerationResponse:
     generation_tps: float  # decode speed after the first token
     peak_memory: float  # GB, mx.get_peak_memory()
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI tool_calls, on the last response of a tool-call answer
+    draft_tokens: int = 0  # speculative decoding: tokens drafted so far
+    accepted_draft_tokens: int = 0  # ... and how many of them the target model accepted
 
 
 class StopMatcher:
@@ -194,6 +230,7 @@ def prepare_request(
     *,
     held: int = 0,
     bounded: bool = False,
+    speculating: str | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -216,7 +253,8 @@ def prepare_request(
 ) -> Request:
     """Check `stream_generate`'s options and build what runs them. `held` is how many tokens the
     cache already holds before the prompt; `bounded` says the cache is a sliding window (which never
-    runs out of context)."""
+    runs out of context); `speculating` names the speculative option in use, which structured
+    output refuses."""
     ids = prompt_ids(tokenizer, prompt)
     validate_token_ids(ids, model.args.vocab_size, "prompt")
     if logprobs < 0:
@@ -227,6 +265,8 @@ def prepare_request(
     structured = check_structured(
         json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
     )
+    if speculating is not None:
+        check_unstructured(structured, speculating)
     tool_format = tool_format or tokenizer.tool_format()
     constraint = make_constraint(tokenizer, tool_format=tool_format, **structured)
     processors = list(logits_processors)
@@ -276,6 +316,7 @@ class ResponseText:
         self.start = time.perf_counter()
         self.first = self.prompt_tps = 0.0
         self.n = 0  # tokens generated so far
+        self.drafts = DraftStats()  # speculative decoding's counts; the decoding loop updates them
 
     def respond(self, token: int, token_logprobs: mx.array) -> GenerationResponse:
         """The response for the next generated token (`token_logprobs`: (V,)); its finish_reason is
@@ -313,6 +354,8 @@ class ResponseText:
             generation_tps=(n - 1) / (now - self.first) if n > 1 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             tool_calls=tool_calls,
+            draft_tokens=self.drafts.drafted,
+            accepted_draft_tokens=self.drafts.accepted,
         )
 
 
@@ -323,6 +366,10 @@ def stream_generate(
     *,
     cache: list[Cache] | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    draft_model: LanguageModel | None = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int | None = None,
+    context: Sequence[int] = (),
     **options: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream the completion of `prompt` (text, encoded with BOS, or token ids used as given).
@@ -350,11 +397,16 @@ def stream_generate(
     {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls` hold it to the tool
     format (`tool_format`, default `tokenizer.tool_format()`). A tool-call answer's last response
     has `tool_calls` (OpenAI's objects) and finish_reason "tool_calls"; `text` is the raw answer.
+
+    Speculative decoding with `draft_model`, `num_draft_tokens` and `prompt_lookup` as for
+    `generate_step` (not with json_schema or tools); `context` are the ids `cache` already holds,
+    which the drafts look at too. Responses count `draft_tokens` and `accepted_draft_tokens`.
     """
     cache = model.make_cache() if cache is None else cache
     bounded = any(layer.max_size is not None for layer in cache)
     held = cache[0].offset if cache else 0
-    request = prepare_request(model, tokenizer, prompt, held=held, bounded=bounded, **options)
+    speculating = "draft_model" if draft_model is not None else "prompt_lookup" if prompt_lookup is not None else None
+    request = prepare_request(model, tokenizer, prompt, held=held, bounded=bounded, speculating=speculating, **options)
     steps = generate_step(
         request.ids,
         model,
@@ -364,6 +416,11 @@ def stream_generate(
         prefill_chunk=prefill_chunk,
         max_tokens=request.max_tokens,
         key=request.key,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        prompt_lookup=prompt_lookup,
+        draft_stats=request.text.drafts,
+        context=context,
     )
     for token, token_logprobs in steps:
         response = request.text.respond(token, token_logprobs)

@@ -26,3 +26,18 @@ class LanguageModel(Protocol):
         """Fresh per-layer caches (a sliding window of `max_kv_size` tokens when given; stored as the
         model's KV quantization says)."""
         ...
+
+
+def prefill(model: LanguageModel, tokens: mx.array, cache: list[Cache], chunk: int) -> mx.array:
+    """Feed all but the last of `tokens` (L,) into `cache` without computing logits; return the
+    last one, (1,), for the caller's first forward with logits. Evaluating the caches' state runs
+    just the layers, so the output head (V x D per token) runs for one position only; chunks of
+    `chunk` tokens bound the attention scores' memory (L x L per head)."""
+    rest = tokens
+    while rest.size > 1:
+        n = min(chunk, rest.size - 1)
+        model(rest[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        rest = rest[n:]
+    return rest

@@ -14,6 +14,7 @@ from typing import Any
 from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.grammar import check_structured
 from mlx_mixtral.sampling import make_key, make_logits_processors, make_sampler
+from mlx_mixtral.speculative import check_speculation, check_unstructured
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -35,10 +36,14 @@ def generation_options(
     tools: Sequence[Mapping[str, Any]] | None = None,
     tool_choice: str | Mapping[str, Any] | None = None,
     parallel_tool_calls: bool = True,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int | None = None,
 ) -> dict[str, Any]:
     """The keyword options of `stream_generate`, checked (the sampler and logits processors they
     describe are built once here and thrown away, so their own checks run). json_schema, tools and
-    tool_choice are checked as constrained decoding will enforce them (a SchemaError otherwise)."""
+    tool_choice are checked as constrained decoding will enforce them (a SchemaError otherwise).
+    Speculative decoding's num_draft_tokens and prompt_lookup must be >= 1; prompt lookup with a
+    schema or tools is refused (a draft model is not an option here: stream_generate refuses it)."""
     if max_tokens is not None and max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0 or None, got {max_tokens}", option="max_tokens")
     if logprobs < 0:
@@ -46,6 +51,12 @@ def generation_options(
     make_sampler(temperature, top_p, top_k, min_p)
     make_key(seed)
     make_logits_processors(repetition_penalty, repetition_context_size, dict(logit_bias or {}))
+    check_speculation(num_draft_tokens, prompt_lookup)
+    structured = check_structured(
+        json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+    )
+    if prompt_lookup is not None:
+        check_unstructured(structured, "prompt_lookup")
     return dict(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -58,9 +69,9 @@ def generation_options(
         seed=seed,
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         logprobs=logprobs,
-        **check_structured(
-            json_schema=json_schema, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
-        ),
+        num_draft_tokens=num_draft_tokens,
+        prompt_lookup=prompt_lookup,
+        **structured,
     )
 
 

@@ -69,7 +69,9 @@ class PrefixCache:
         cache, self.cached_tokens = self.take(ids)
         fed = list(ids)
         try:
-            for response in stream_generate(model, tokenizer, ids[self.cached_tokens :], cache=cache, **options):
+            for response in stream_generate(
+                model, tokenizer, ids[self.cached_tokens :], cache=cache, context=ids[: self.cached_tokens], **options
+            ):
                 fed.append(response.token)
                 yield response
         except GeneratorExit:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import mlx.core as mx
@@ -82,12 +83,48 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
         raise OptionError(f"min_p must be in [0, 1), got {min_p}", option="min_p")
     if temp == 0.0:
         return greedy
+    return WarpSampler(temp, top_p, top_k, min_p)
 
-    def sample(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
-        logits = warp(logprobs, temp, top_k, top_p, min_p)  # (B, V)
+
+@dataclass(frozen=True)
+class WarpSampler:
+    """Draws from `sampler_probs` of these settings. It is a value, not a closure, so speculative
+    decoding can ask for the distribution it draws from (`sampler_distribution`)."""
+
+    temp: float
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __call__(self, logprobs: mx.array, key: mx.array | None = None) -> mx.array:
+        logits = warp(logprobs, self.temp, self.top_k, self.top_p, self.min_p)  # (B, V)
         return mx.random.categorical(logits, axis=-1, key=key)  # (B,)
 
-    return sample
+    def probs(self, logprobs: mx.array) -> mx.array:
+        return sampler_probs(logprobs, self.temp, self.top_p, self.top_k, self.min_p)
+
+
+def sampler_probs(logprobs: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """(..., V) log-probabilities -> the (..., V) distribution `make_sampler(temp, top_p, top_k, min_p)`
+    draws from: the softmax of the warped logits, or a one-hot of the argmax when `temp == 0`."""
+    if temp == 0.0:
+        return one_hot(mx.argmax(logprobs, axis=-1), logprobs.shape[-1])
+    return mx.softmax(warp(logprobs, temp, top_k, top_p, min_p), axis=-1, precise=True)
+
+
+def one_hot(tokens: mx.array, vocab: int) -> mx.array:
+    """(...,) ids -> (..., V) float32 rows with a single 1."""
+    return (tokens[..., None] == mx.arange(vocab)).astype(mx.float32)
+
+
+def sampler_distribution(sampler: Sampler) -> Callable[[mx.array], mx.array] | None:
+    """The (..., V) logprobs -> (..., V) probabilities map of a sampler that `make_sampler` built
+    (None for any other sampler: what it draws from is unknown)."""
+    if sampler is greedy:
+        return lambda logprobs: sampler_probs(logprobs, 0.0)
+    if isinstance(sampler, WarpSampler):
+        return sampler.probs
+    return None
 
 
 def make_key(seed: int | None) -> mx.array | None:

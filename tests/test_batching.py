@@ -13,6 +13,7 @@ from mlx_mixtral.cache import KVCache, RotatingKVCache
 from mlx_mixtral.errors import ContextLimitError, OptionError
 from mlx_mixtral.model import attention_mask
 from mlx_mixtral.prefix_cache import PrefixCache
+from mlx_mixtral.server.worker import LocalEngine
 
 VOCAB = 32000  # the real Mistral v1 tokenizer, so text, stop strings and EOS are real
 
@@ -216,6 +217,27 @@ def test_bad_requests_fail_alone_and_before_any_work(full):
     with pytest.raises(OptionError, match="2 option dicts for 3 prompts"):
         batch_generate(model, tokenizer, ["a", "b", "c"], options=[{}, {}])
     del good
+
+
+def test_speculative_and_unknown_options_are_refused_by_name(full):
+    """A batch takes generation_options' dict (speculation off) but refuses to speculate, and a
+    misspelt option is named, not a TypeError from deep inside."""
+    model, tokenizer = full
+    generator = BatchGenerator(model, tokenizer, max_batch=2)
+    prompt = _prompts([6])[0]
+    uid = generator.add(prompt, max_tokens=6, num_draft_tokens=3, prompt_lookup=None, draft_model=None)
+    for options, name in ((dict(prompt_lookup=2), "prompt_lookup"), (dict(draft_model=model), "draft_model")):
+        with pytest.raises(OptionError, match=f"^{name} is a stream_generate option for one sequence") as e:
+            generator.add(prompt, **options)
+        assert e.value.option == name
+    with pytest.raises(OptionError, match="unknown option 'temprature'; expected one of .*temperature"):
+        generator.add(prompt, temprature=0.5)
+    got = []
+    while generator.busy:
+        got += [e.response.token for e in generator.step() if e.uid == uid and e.response is not None]
+    assert got == [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=6)]
+    with pytest.raises(OptionError, match="speculative decoding serves one request at a time"):
+        LocalEngine(model, tokenizer, max_batch=2, speculative={"prompt_lookup": 2})
 
 
 def test_max_tokens_zero_and_one_token_prompts(full):

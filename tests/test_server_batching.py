@@ -96,3 +96,26 @@ def test_a_client_that_leaves_frees_its_row_and_others_are_unchanged(client, ser
     assert [got[2], got[3]] == want
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["generated_tokens"] - before["generated_tokens"] < 1000
+
+
+def test_a_speculating_server_serves_in_turn_with_the_same_tokens(ref):
+    """--prompt-lookup: requests run one at a time (the default batch becomes 1), greedy answers
+    stay transformers', and a json_schema request, which cannot speculate, still runs."""
+    live = LiveServer(shared("model_dir"), "--prompt-lookup", "2", "--served-model-name", "m")
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        want = [ref.greedy(ref.chat_ids(_messages(i)), 20)[1] for i in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda i: _stream(client, _messages(i), 20), range(3)))
+        assert got == want
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        answer = client.chat.completions.create(
+            model="m",
+            messages=_messages(0),
+            max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        )
+        assert answer.choices[0].message.content.startswith("{")
+        assert live.health()["failed"] == 0
+    finally:
+        live.stop()

@@ -26,6 +26,7 @@ A request whose options or prompt are bad fails alone, with its own error event.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections import deque
@@ -88,6 +89,37 @@ class _Step:
     logprobs: mx.array  # (B, V)
 
 
+# stream_generate's keywords that only a single sequence can use
+_SINGLE_SEQUENCE = ("cache", "prefill_chunk", "draft_model", "prompt_lookup", "context")
+_BATCH_OPTIONS = frozenset(inspect.signature(prepare_request).parameters) - {
+    "model",
+    "tokenizer",
+    "prompt",
+    "held",
+    "bounded",
+    "speculating",
+}
+
+
+def _batch_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` without speculative decoding's keywords when they turn nothing on (as
+    `generation_options` returns them); a one-line OptionError for a key a batch cannot honour."""
+    kept = {}
+    for name, value in options.items():
+        if name == "num_draft_tokens" or (name in ("draft_model", "prompt_lookup") and value is None):
+            continue  # speculation off (num_draft_tokens means nothing without a draft source)
+        if name in _SINGLE_SEQUENCE:
+            raise OptionError(
+                f"{name} is a stream_generate option for one sequence; a batch does not take it", option=name
+            )
+        if name not in _BATCH_OPTIONS:
+            raise OptionError(
+                f"unknown option {name!r}; expected one of {', '.join(sorted(_BATCH_OPTIONS))}", option=name
+            )
+        kept[name] = value
+    return kept
+
+
 class BatchGenerator:
     """Decodes up to `max_batch` sequences together (see the module docstring). Runs on one
     thread: the one that owns the model's MLX arrays."""
@@ -129,7 +161,10 @@ class BatchGenerator:
     def add(self, prompt: str | Sequence[int] | mx.array, **options: Any) -> int:
         """Queue a prompt (text, encoded with BOS, or token ids) with `stream_generate`'s keyword
         options; its uid. The request is checked here, as `stream_generate` checks it (an
-        OptionError, SchemaError or ContextLimitError for this request only)."""
+        OptionError, SchemaError or ContextLimitError for this request only). Speculative decoding
+        (draft_model, prompt_lookup) is stream_generate's alone: its rounds verify a different
+        number of tokens per sequence, which one batched forward cannot."""
+        options = _batch_options(options)
         request = prepare_request(self.model, self.tokenizer, prompt, bounded=self.window is not None, **options)
         seq = _Sequence(self._next_uid, list(request.ids), request)
         self._next_uid += 1

@@ -20,6 +20,7 @@ from mlx_mixtral.cli.options import (
     add_sampling_args,
     check_chat_template,
     format_stats,
+    load_draft,
     load_for_cli,
     one_line,
     options_from_args,
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, dm = load_for_cli(args)
     if dm is not None and not dm.is_leader:
         return dm.follow()
+    if dm is None:
+        options["draft_model"] = load_draft(args, model)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

@@ -14,6 +14,7 @@ from mlx_mixtral.cli.options import (
     add_sampling_args,
     check_chat_template,
     format_stats,
+    load_draft,
     load_for_cli,
     options_from_args,
 )
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, dm = load_for_cli(args)
     if dm is not None and not dm.is_leader:
         return dm.follow()
+    if dm is None:
+        options["draft_model"] = load_draft(args, model)
     try:
         check_chat_template(tokenizer, args.chat_template)
         if args.chat or args.system is not None or args.chat_template is not None:

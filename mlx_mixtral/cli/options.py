@@ -15,6 +15,7 @@ from mlx_mixtral.errors import ChatTemplateError, MixtralError, OptionError
 from mlx_mixtral.experts import KERNEL_CHOICES, KERNELS_ENV
 from mlx_mixtral.loader import load
 from mlx_mixtral.options import generation_options
+from mlx_mixtral.speculative import check_draft_model
 from mlx_mixtral.text import argv_text
 
 DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
@@ -55,6 +56,30 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     )
     add_kernels_arg(p)
     add_memory_args(p)
+    add_speculative_args(p)
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="PATH",
+        help="speculative decoding: a small model with the same vocabulary drafts tokens the model verifies",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=3,
+        metavar="K",
+        help="speculative decoding: tokens drafted per verifying forward pass",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=None,
+        metavar="N",
+        help="speculative decoding: draft the tokens that followed the last N tokens earlier in the text",
+    )
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -111,6 +136,8 @@ FLAGS = {
     "repetition_penalty": "--repetition-penalty",
     "seed": "--seed",
     "stop": "--stop",
+    "num_draft_tokens": "--num-draft-tokens",
+    "prompt_lookup": "--prompt-lookup",
 }
 
 
@@ -131,6 +158,7 @@ def load_for_cli(args: argparse.Namespace):
         from mlx_mixtral.distributed.model import DistributedModel
 
         refuse_offload_when_distributed(args)
+        refuse_speculation_when_distributed(args)
         dm = DistributedModel.start(args.model, kernels=args.kernels)
         return dm.model, dm.tokenizer, dm
     model, tokenizer = load(args.model, **memory_options(args))
@@ -147,6 +175,23 @@ def refuse_offload_when_distributed(args: argparse.Namespace) -> None:
                 f"cache in memory); leave out {flag}, or run on one machine",
                 flag,
             )
+
+
+def refuse_speculation_when_distributed(args: argparse.Namespace) -> None:
+    for flag in ("--draft-model", "--prompt-lookup"):
+        if getattr(args, flag[2:].replace("-", "_"), None) is not None:
+            raise OptionError(
+                f"{flag} does not work with --distributed yet; leave out {flag}, or run on one machine", flag
+            )
+
+
+def load_draft(args: argparse.Namespace, model: Any) -> Any:
+    """The --draft-model (None without one), loaded like the model, its vocabulary checked against it."""
+    if args.draft_model is None:
+        return None
+    draft, _ = load(args.draft_model, kernels=args.kernels)
+    check_draft_model(draft, model)
+    return draft
 
 
 def memory_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,5 +251,10 @@ def format_stats(r: Any, model: Any = None) -> str:
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
         f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.3f} GB"
     )
+    if r.draft_tokens:
+        line += (
+            f" | drafts: {r.accepted_draft_tokens}/{r.draft_tokens} accepted "
+            f"({100 * r.accepted_draft_tokens / r.draft_tokens:.1f}%)"
+        )
     offload = getattr(model, "offload", None)
     return line if offload is None else f"{line} | {offload.stats.line()}"

@@ -25,20 +25,24 @@ from mlx_mixtral.batching.scheduler import DEFAULT_MAX_BATCH
 from mlx_mixtral.cli.options import (
     add_kernels_arg,
     add_memory_args,
+    add_speculative_args,
     check_chat_template,
+    load_draft,
     memory_options,
     one_line,
     refuse_offload_when_distributed,
+    refuse_speculation_when_distributed,
     report,
 )
 from mlx_mixtral.cli.parser import command_parser
 from mlx_mixtral.distributed.model import DistributedModel
-from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.errors import MixtralError, OptionError
 from mlx_mixtral.loader import load
 from mlx_mixtral.memory.plan import kv_context
 from mlx_mixtral.server.app import Settings, create_app
 from mlx_mixtral.server.guard import LOOPBACK_HOSTS
 from mlx_mixtral.server.worker import DistributedEngine, Engine, Follower, LocalEngine, Worker
+from mlx_mixtral.speculative import check_speculation
 from mlx_mixtral.text import argv_text
 
 PROG = "mlx-mixtral serve"
@@ -86,10 +90,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--max-batch",
         type=_positive,
-        default=DEFAULT_MAX_BATCH,
-        help="requests decoded together (1: one at a time); the rest wait in order. The KV cache is planned "
-        "for N sequences of --max-kv-size tokens when that is given, else for one full context that the "
-        "batch shares",
+        help=f"requests decoded together (default {DEFAULT_MAX_BATCH}; 1 with --draft-model/--prompt-lookup, "
+        "which serve one at a time); the rest wait in order. The KV cache is planned for N sequences of "
+        "--max-kv-size tokens when that is given, else for one full context that the batch shares",
     )
     p.add_argument(
         "--chat-template",
@@ -110,6 +113,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     add_kernels_arg(p)
     add_memory_args(p)
+    add_speculative_args(p)
     args = p.parse_args(argv)
     if args.api_key is None and os.environ.get(API_KEY_ENV):  # not a parser default: --help would show it
         args.api_key = argv_text(os.environ[API_KEY_ENV])
@@ -117,6 +121,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        check_speculation(args.num_draft_tokens, args.prompt_lookup)
+    except OptionError as e:
+        p.error(f"--{e.option.replace('_', '-')}: {e}")
+    speculating = args.draft_model is not None or args.prompt_lookup is not None
+    if speculating and args.max_batch not in (None, 1):
+        p.error(
+            f"--max-batch {args.max_batch} with --draft-model/--prompt-lookup: speculative decoding serves one "
+            "request at a time; leave out --max-batch or pass 1"
+        )
+    if args.max_batch is None:
+        args.max_batch = 1 if speculating else DEFAULT_MAX_BATCH
     return args
 
 
@@ -151,6 +167,11 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
             return DistributedEngine(dm, max_kv_size=args.max_kv_size, prompt_cache_size=args.prompt_cache_size)
         sequences = args.max_batch if args.max_kv_size is not None else 1
         model, tokenizer = load(args.model, sequences=sequences, **memory_options(args))
+        speculative = dict(
+            draft_model=load_draft(args, model),
+            num_draft_tokens=args.num_draft_tokens,
+            prompt_lookup=args.prompt_lookup,
+        )
         return LocalEngine(
             model,
             tokenizer,
@@ -158,6 +179,7 @@ def _load_engine(args: argparse.Namespace) -> Callable[[], Engine | Follower]:
             prompt_cache_size=args.prompt_cache_size,
             max_batch=args.max_batch,
             kv_tokens=sequences * kv_context(model.args, args.max_kv_size),
+            speculative=speculative,
         )
 
     return load_engine
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.distributed:
         refuse_offload_when_distributed(args)
+        refuse_speculation_when_distributed(args)
     sock = None
     if not args.distributed:  # a taken port fails before minutes of loading (ranks bind once loaded)
         sock = _listen(args.host, args.port)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from mlx_mixtral.batching.scheduler import BatchEvent, BatchGenerator
 from mlx_mixtral.distributed.model import DistributedModel
-from mlx_mixtral.errors import DistributedError, MixtralError
+from mlx_mixtral.errors import DistributedError, MixtralError, OptionError
 from mlx_mixtral.generate import GenerationResponse
 from mlx_mixtral.language_model import LanguageModel
 from mlx_mixtral.prefix_cache import PrefixCache
@@ -96,9 +96,19 @@ class LocalEngine:
         prompt_cache_size: int = 4,
         max_batch: int = 1,
         kv_tokens: int | None = None,
+        speculative: dict[str, Any] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = PrefixCache(lambda: model.make_cache(max_kv_size), prompt_cache_size)
+        # stream_generate's draft_model / num_draft_tokens / prompt_lookup for every request that
+        # can take them (not structured ones: their grammar matcher cannot take back drafts).
+        self.speculative = dict(speculative or {})
+        speculating = any(self.speculative.get(k) is not None for k in ("draft_model", "prompt_lookup"))
+        if speculating and max_batch > 1:
+            raise OptionError(
+                f"speculative decoding serves one request at a time, got max_batch={max_batch}: use max_batch=1",
+                option="max_batch",
+            )
         self.batcher = None
         if max_batch > 1:
             self.batcher = BatchGenerator(
@@ -116,6 +126,11 @@ class LocalEngine:
         return self.prompt_cache.cached_tokens
 
     def stream(self, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        structured = options.get("json_schema") is not None or (
+            options.get("tools") and options.get("tool_choice") != "none"
+        )
+        if self.speculative and not structured:
+            options = {**options, **self.speculative}
         return self.prompt_cache.stream(self.model, self.tokenizer, ids, **options)
 
     def cache_entries(self) -> int | None:

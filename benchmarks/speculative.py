@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlx_mixtral import load  # noqa: E402
+from mlx_mixtral.cache import KVCache  # noqa: E402
 from mlx_mixtral.config import ModelArgs  # noqa: E402
 from mlx_mixtral.generate import generate_step  # noqa: E402
+from mlx_mixtral.memory.plan import kv_bytes  # noqa: E402
 from mlx_mixtral.model import Mixtral  # noqa: E402
 from mlx_mixtral.sampling import make_sampler  # noqa: E402
 from mlx_mixtral.speculative import DraftStats  # noqa: E402
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per verify length")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU)")
+    p.add_argument("--kv-only", action="store_true", help="only the KV cache size table")
     args = p.parse_args(argv)
+    if args.kv_only:
+        kv_table()
+        return 0
     k = args.num_draft_tokens
     on_gpu = mx.default_device() == mx.gpu
     dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
@@ -185,7 +191,45 @@ def main(argv: list[str] | None = None) -> int:
         # the expert weights a bandwidth-bound device reads grow with L, unlike a dense model's.
         touched = E * (1 - (1 - top / E) ** n)
         print(f"| L = {n} | {ms:.2f} | {ms / costs[0]:.2f} | {ms / n:.2f} | {touched:.2f} of {E} |")
+    kv_table()
     return 0
+
+
+MIXTRAL_8X7B = ModelArgs(
+    model_type="mixtral",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=32000,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=32768,
+)
+
+
+def kv_table() -> None:
+    """Mixtral-8x7B's KV cache at 4k and 32k tokens, float16 vs 8 and 4 bits: the planner's
+    arithmetic, and what one real cache layer holds after that many tokens, times the layers."""
+    a = MIXTRAL_8X7B
+    print(f"\n| KV cache, Mixtral-8x7B ({a.num_hidden_layers} layers x {a.num_key_value_heads} KV heads x "
+          f"{a.head_dim}), group 64 | float16 GB | 8-bit GB | 4-bit GB |")  # fmt: skip
+    print("|---|---:|---:|---:|")
+    for tokens in (4096, 32768):
+        planned = [kv_bytes(a, tokens, 2, bits) / 1e9 for bits in (None, 8, 4)]
+        measured = [_one_layer_bytes(a, tokens, bits) * a.num_hidden_layers / 1e9 for bits in (None, 8, 4)]
+        print(f"| {tokens} tokens, planner | " + " | ".join(f"{g:.3f}" for g in planned) + " |")
+        print(f"| {tokens} tokens, a real cache | " + " | ".join(f"{g:.3f}" for g in measured) + " |")
+
+
+def _one_layer_bytes(a: ModelArgs, tokens: int, bits: int | None) -> int:
+    cache = KVCache(bits=bits, group_size=64)
+    kv = mx.zeros((1, a.num_key_value_heads, tokens, a.head_dim), mx.float16)  # (B, H_kv, L, D)
+    cache.update_and_fetch(kv, kv)
+    stored = [x for part in cache.state for x in (part if isinstance(part, tuple) else (part,))]
+    mx.eval(stored)
+    return sum(x.nbytes for x in stored)
 
 
 if __name__ == "__main__":

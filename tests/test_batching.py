@@ -290,20 +290,39 @@ def test_batch_cache_with_a_window_drops_only_unseen_slots():
     assert batch.row(0).offset == 300
 
 
-def test_a_short_prompt_behind_a_long_one_waits_one_chunk(full):
-    """The shortest starting prompt prefills first: the short one's first token comes a step or two in,
-    not after the long one's 25 chunks; both still get their own tokens."""
+class _CountingChunks:
+    """The model, counting the prefill chunks (forwards over more than one token) it runs."""
+
+    def __init__(self, model):
+        self.model, self.chunks = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, tokens, cache=None):
+        self.chunks += tokens.shape[1] > 1
+        return self.model(tokens, cache=cache)
+
+
+@pytest.mark.parametrize("short_length", [5, 1])  # 1: nothing to prefill, it joins at once
+def test_a_short_prompt_behind_a_long_one_waits_one_chunk(full, short_length):
+    """The shortest starting prompt prefills first, and no chunk of the long prompt runs before the
+    short one's first token is returned: it comes a step or two in, not after the long one's 25
+    chunks; both still get their own tokens."""
     model, tokenizer = full
-    long, short = _prompts([200, 5], seed=11)
+    long, short = _prompts([200, short_length], seed=11)
     alone = [_alone(model, tokenizer, p, max_tokens=6) for p in (long, short)]
     generator = BatchGenerator(model, tokenizer, max_batch=4, prefill_chunk=8)
+    counting = generator.model = _CountingChunks(model)
     uids = [generator.add(long, max_tokens=6), generator.add(short, max_tokens=6)]
-    first_at, tokens, step = {}, {u: [] for u in uids}, 0
+    first_at, chunks_before, tokens, step = {}, {}, {u: [] for u in uids}, 0
     while generator.busy:
         for event in generator.step():
             if event.response is not None:
                 first_at.setdefault(event.uid, step)
+                chunks_before.setdefault(event.uid, counting.chunks)
                 tokens[event.uid].append(event.response.token)
         step += 1
     assert first_at[uids[1]] <= 3 and first_at[uids[0]] >= 24
+    assert chunks_before[uids[1]] == (short_length > 1)  # its own chunk only
     assert [tokens[u] for u in uids] == alone

@@ -14,7 +14,8 @@ runs one scheduler step and returns what happened to each sequence:
    first decode input, as in `generate_step`.
 3. Decode: the next step's graph is built and queued (`mx.async_eval`) before the previous step's
    tokens are read, so the host's work overlaps the device's, as in `generate_step`; the prefill
-   chunk comes after the read, and waits a step while a row that just joined has no token yet. Each
+   chunk comes after the read, and waits while a row that just joined has not had its first token
+   returned. Each
    sequence samples with its own sampler, logits processors, seed and history; its tokens become
    text through its own `ResponseText` (stop strings, EOS, max_tokens, logprobs, tool calls).
 
@@ -208,9 +209,10 @@ class BatchGenerator:
             self._inflight = self._decode(previous)  # queued before reading `previous`: they overlap
         if previous is not None:
             self._read(previous, events)
-        # A row that just joined gets its first token out before the next chunk of someone else's
-        # prompt holds the device: its time to first token is not a chunk longer.
-        if any(not seq.generated for seq in self._rows):
+        # A row that just joined gets its first token out (returned with this step's events) before
+        # the next chunk of someone else's prompt holds the device: its time to first token is not
+        # a chunk longer.
+        if any(len(seq.generated) <= 1 for seq in self._rows):
             self._join(self._ready(events))
         else:
             self._join(self._prefill_one(events))
@@ -264,19 +266,20 @@ class BatchGenerator:
         """One chunk of the shortest starting prompt; the starting sequences ready to decode."""
         # Shortest remaining prompt first: a short prompt that arrives while a long one prefills
         # waits for at most the chunk in progress; the long one goes on when no short one waits.
-        for seq in sorted(self._starting, key=lambda s: s.rest.size):
-            if seq.cancelled or seq.request.max_tokens == 0 or seq.rest.size <= 1:
-                continue
+        # One that needs no prefill (a one-token prompt, or all but its last token cached) joins
+        # now, without a chunk of another prompt first.
+        if any(s.cancelled or s.request.max_tokens == 0 or s.rest.size <= 1 for s in self._starting):
+            return self._ready(events)
+        if self._starting:
+            seq = min(self._starting, key=lambda s: s.rest.size)
             n = min(self.prefill_chunk, seq.rest.size - 1)
             try:
                 self.model(seq.rest[:n][None], cache=seq.cache)
                 mx.eval([c.state for c in seq.cache])
+                seq.rest = seq.rest[n:]
             except Exception as e:  # its own forward pass failed (out of memory, ...)
                 self._starting.remove(seq)
                 self._forget(seq, events, error=e)
-                break
-            seq.rest = seq.rest[n:]
-            break
         return self._ready(events)
 
     def _ready(self, events: list[BatchEvent]) -> list[_Sequence]:

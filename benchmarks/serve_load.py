@@ -9,7 +9,7 @@ client count, that many `openai` clients stream one chat completion each at the 
 same length). Reported: aggregate generated tok/s (all tokens / wall time), mean per-stream decode
 tok/s (after its first token), p50/p95 time to first token. Then the head-of-line case on our
 server: a short request sent just after a 2,000-token prompt; its time to first token against the
-long prompt's. Results go to stdout as a table and to out/serve_load/results.json.
+long prompt's. Results go to stdout as a table and to benchmarks/out/serve_load/results.json.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import Shape, add_shape_flags, shape_from_args, write_checkpoint  # noqa: E402
 
 EOS = 2
-OUT = Path("out/serve_load")
+OUT = Path(__file__).resolve().parent / "out" / "serve_load"  # benchmarks/out/ is git-ignored
 TOPICS = ["the sea", "a city at night", "mountains", "a library", "trains", "winter", "a garden", "the moon"]
 
 

@@ -29,6 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from synthetic import Shape  # noqa: E402  (benchmarks/, the script's own folder)
+
 from mlx_mixtral import load  # noqa: E402
 from mlx_mixtral.cache import KVCache  # noqa: E402
 from mlx_mixtral.config import ModelArgs  # noqa: E402
@@ -195,18 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-MIXTRAL_8X7B = ModelArgs(
-    model_type="mixtral",
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    intermediate_size=14336,
-    vocab_size=32000,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=32768,
-)
+MIXTRAL_8X7B = ModelArgs.from_dict(Shape(hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=8).config())
 
 
 def kv_table() -> None:

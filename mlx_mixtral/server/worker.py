@@ -318,6 +318,8 @@ class Worker:
                     jobs[batcher.add(job.ids, **job.options)] = job
                 except Exception as e:  # a bad request: its own error, nobody else's
                     self.stats["failed"] += 1
+                    if not isinstance(e, MixtralError):  # the app checked the request: this is a bug
+                        log.error("request could not start", exc_info=e)
                     job.emit(Finished(e))
             if self._stopping:
                 for job in jobs.values():
